@@ -1,0 +1,14 @@
+# The two commands of the README. Each does its own set-up on a fresh machine.
+.PHONY: setup demo test lint
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	bash scripts/test.sh
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -1,0 +1,312 @@
+"""The job's configuration tree: dataclasses per section, loaded through OmegaConf.
+
+A YAML preset from `infra/runs/` is merged onto the structured defaults, then dotted-key
+overrides from the command line, and the result is converted back to dataclasses with
+`OmegaConf.to_object` so that every `__post_init__` validates its section. Library code
+receives only dataclasses, never a `DictConfig`.
+
+`dataloader` and `ops` own their sections (`DataConfig`, `OpsConfig`); `cluster` extends the
+root with its own section by subclassing `JobConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dataloader.config import DataConfig
+from ops.config import OpsConfig
+
+
+class ConfigError(ValueError):
+    """A configuration a user can fix; the message names the key and the values."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256
+    num_shared_experts: int = 0
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    # Group-limited routing (DeepSeek-V2/V3): experts split into n_group groups, tokens
+    # pick experts only inside their topk_group best groups. n_group=1 turns it off.
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    route_scale: float = 1.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    # DeepSeek-V3 auxiliary-loss-free balancing: per-expert bias added to the scores for
+    # selection only, updated after each step by bias_update_rate * sign(mean - load).
+    bias_update_rate: float = 0.0
+    # 0 = dropless; > 0 caps each expert at ceil(cf * tokens * top_k / num_experts) pairs
+    # per source rank and drops the overflow (counted in the metrics).
+    capacity_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_experts >= 1, f"model.moe.num_experts ({self.num_experts}) must be >= 1")
+        _require(
+            1 <= self.top_k <= self.num_experts,
+            f"model.moe.top_k ({self.top_k}) must be between 1 and model.moe.num_experts "
+            f"({self.num_experts})",
+        )
+        _require(self.expert_hidden >= 1, f"model.moe.expert_hidden ({self.expert_hidden}) must be >= 1")
+        _require(
+            self.expert_hidden % 8 == 0,
+            f"model.moe.expert_hidden ({self.expert_hidden}) must be a multiple of 8 (grouped "
+            "GEMM row alignment)",
+        )
+        _require(self.num_shared_experts >= 0, "model.moe.num_shared_experts must be >= 0")
+        _require(
+            self.n_group >= 1 and self.num_experts % self.n_group == 0,
+            f"model.moe.n_group ({self.n_group}) must divide model.moe.num_experts "
+            f"({self.num_experts})",
+        )
+        _require(
+            1 <= self.topk_group <= self.n_group,
+            f"model.moe.topk_group ({self.topk_group}) must be between 1 and model.moe.n_group "
+            f"({self.n_group})",
+        )
+        if self.n_group > 1:
+            per_group = self.num_experts // self.n_group
+            _require(
+                self.topk_group * per_group >= self.top_k,
+                f"model.moe.top_k ({self.top_k}) exceeds the experts in model.moe.topk_group "
+                f"({self.topk_group}) groups of {per_group}",
+            )
+        _require(self.capacity_factor >= 0, f"model.moe.capacity_factor ({self.capacity_factor}) must be >= 0")
+        _require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "model.moe loss coefficients must be >= 0")
+        _require(self.bias_update_rate >= 0, "model.moe.bias_update_rate must be >= 0")
+
+
+@dataclass
+class MLAConfig:
+    """Multi-Head Latent Attention dims (DeepSeek-V2); used when model.attention is 'mla'."""
+
+    kv_lora_rank: int = 64
+    q_lora_rank: int = 0  # 0 = no query compression
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 320
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query
+    attention: Literal["gqa", "mla"] = "gqa"
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # The first num_dense_layers blocks use a dense SwiGLU of hidden dense_hidden (DeepSeek
+    # keeps the first layers dense); the rest are MoE.
+    num_dense_layers: int = 0
+    dense_hidden: int = 512
+    tie_embeddings: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads == 0:
+            self.num_kv_heads = self.num_heads
+        _require(self.dim >= 1 and self.num_layers >= 1, "model.dim and model.num_layers must be >= 1")
+        _require(
+            self.dim % self.num_heads == 0,
+            f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})",
+        )
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
+            f"({self.num_kv_heads})",
+        )
+        _require(
+            0 <= self.num_dense_layers <= self.num_layers,
+            f"model.num_dense_layers ({self.num_dense_layers}) must be between 0 and "
+            f"model.num_layers ({self.num_layers})",
+        )
+        _require(
+            self.dim % 8 == 0, f"model.dim ({self.dim}) must be a multiple of 8 (grouped GEMM alignment)"
+        )
+        _require(self.vocab_size >= 2, f"model.vocab_size ({self.vocab_size}) must be >= 2")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1  # expert-parallel degree; data parallel = world size / ep
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Seconds a collective may wait before the run fails naming it (a dead or hung rank).
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _require(self.ep >= 1, f"parallel.ep ({self.ep}) must be >= 1")
+        _require(self.timeout_s > 0, f"parallel.timeout_s ({self.timeout_s}) must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    micro_batch_size: int = 4  # rows per rank per micro-step
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "seq_len", "grad_accum"):
+            _require(getattr(self, key) >= 1, f"train.{key} ({getattr(self, key)}) must be >= 1")
+        _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0")
+        _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = none
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every M-th step forever; 0 = off
+    async_save: bool = True
+    resume: bool = True
+    load_step: int = -1  # -1 = newest complete checkpoint
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, f"checkpoint.every ({self.every}) must be >= 0")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
+        _require(self.keep_every >= 0, f"checkpoint.keep_every ({self.keep_every}) must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "moeyard"
+    output_dir: str = "runs/moeyard"  # any fsspec URL: s3://..., file://..., a local path
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir), "run.output_dir must not be empty")
+        _require(self.log_every >= 1, f"run.log_every ({self.log_every}) must be >= 1")
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
+        )
+        _require(
+            self.model.moe.num_experts % self.parallel.ep == 0,
+            f"model.moe.num_experts ({self.model.moe.num_experts}) must be divisible by "
+            f"parallel.ep ({self.parallel.ep})",
+        )
+
+    def check_world(self, world_size: int) -> int:
+        """Validates the layout against a world size and returns the data-parallel degree.
+
+        Raises:
+            ConfigError: the world size is not a multiple of parallel.ep.
+        """
+        _require(
+            world_size % self.parallel.ep == 0,
+            f"world size ({world_size}) must be divisible by parallel.ep ({self.parallel.ep})",
+        )
+        return world_size // self.parallel.ep
+
+
+C = TypeVar("C", bound=JobConfig)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    schema: type[C] = JobConfig,  # type: ignore[assignment]
+    ignore_sections: tuple[str, ...] = (),
+) -> C:
+    """Loads a YAML preset plus `key=value` overrides into the dataclass tree `schema`.
+
+    Args:
+        path: a YAML file, or None for the defaults alone.
+        overrides: OmegaConf dotted keys, e.g. `train.steps=20`.
+        schema: the root dataclass (`cluster` passes a subclass with its own section).
+        ignore_sections: top-level YAML sections that this entrypoint does not read (the
+            `cluster` section under `torchrun`); they are dropped, not validated.
+
+    Raises:
+        ConfigError: a missing file, an unknown key, a value of the wrong type, or a value
+            that fails validation; the message names the file and the key.
+    """
+    where = str(path) if path is not None else "<defaults>"
+    try:
+        base = OmegaConf.structured(schema)
+        layers = [base]
+        if path is not None:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file not found: {path}")
+            loaded = OmegaConf.load(path)
+            for section in ignore_sections:
+                loaded.pop(section, None)
+            layers.append(loaded)
+        dotlist = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key = item.split("=", 1)[0].lstrip("+")
+            if key.split(".", 1)[0] in ignore_sections:
+                continue
+            dotlist.append(item)
+        layers.append(OmegaConf.from_dotlist(dotlist))
+        merged = OmegaConf.merge(*layers)
+        obj = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid config key {key!r}: {msg}") from None
+    except ValueError as e:  # raised by a __post_init__ through OmegaConf
+        raise ConfigError(f"{where}: {e}") from None
+    assert isinstance(obj, schema)
+    return obj
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what is written beside the run's outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

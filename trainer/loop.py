@@ -1,0 +1,328 @@
+"""The training loop: the same function under torchrun, under Ray Train, and in one process.
+
+It joins the process group the launcher set up (if any), builds the mesh and the model
+(meta device -> parallelize -> materialize), streams this rank's slice of every global batch,
+and logs one metrics dict per logged step to the sinks on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dataloader.source import TokenSource, build_source
+from ops.sinks import JsonlSink, MetricSink, StdoutSink
+from trainer.config import ConfigError, JobConfig, to_yaml
+from trainer.mesh import Mesh, build_mesh, init_distributed
+from trainer.model import Transformer, build_model, materialize
+from trainer.moe import MoE
+from trainer.parallelize import clip_grad_norm_, parallelize, sync_gradients
+
+
+@dataclass
+class RunState:
+    """Everything the loop holds; what a checkpoint saves and a resume restores."""
+
+    cfg: JobConfig
+    mesh: Mesh
+    device: torch.device
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    source: TokenSource
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # global tokens trained on
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    tokens: int
+    final_loss: float
+    losses: list[float]
+    tokens_per_s: float
+    wall_s: float
+    output_dir: str
+    world_size: int
+    ep: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "losses"}
+
+
+def pick_device(cfg: JobConfig, local_rank: int) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device is 'cuda' but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def lr_lambda(cfg: JobConfig) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at train.steps."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        span = max(1, t.steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(model: Transformer, cfg: JobConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    t = cfg.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        foreach=True,
+    )
+
+
+def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
+    """Joins the process group, validates the layout, builds model, optimizer and data."""
+    device = pick_device(cfg, local_rank)
+    rank, world = init_distributed(
+        backend=cfg.parallel.backend, device=device, timeout_s=cfg.parallel.timeout_s
+    )
+    cfg.check_world(world)
+    mesh = build_mesh(world_size=world, rank=rank, ep=cfg.parallel.ep)
+    source = build_source(
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.train.seed,
+    )
+    if source.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
+            f"({source.vocab_size})"
+        )
+    model = build_model(cfg.model)
+    parallelize(model, mesh)
+    materialize(model, device=device, seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    return RunState(cfg, mesh, device, model, optimizer, scheduler, source)
+
+
+def expert_load_stats(load_LE: torch.Tensor, dropped_L: torch.Tensor) -> list[dict[str, Any]]:
+    """Per MoE layer: tokens per expert, coefficient of variation, max/mean, dropped share,
+    experts that got no token."""
+    out = []
+    for i in range(load_LE.shape[0]):
+        load = load_LE[i]
+        mean = load.mean().item()
+        total = load.sum().item()
+        out.append(
+            {
+                "layer": i,
+                "tokens": [int(x) for x in load.tolist()],
+                "cv": (load.std(unbiased=False).item() / mean) if mean > 0 else 0.0,
+                "max_over_mean": (load.max().item() / mean) if mean > 0 else 0.0,
+                "dropped_frac": dropped_L[i].item() / total if total > 0 else 0.0,
+                "idle_experts": int((load == 0).sum().item()),
+            }
+        )
+    return out
+
+
+def write_text(url: str, text: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(text)
+
+
+def placement_plan(state: RunState) -> dict[str, Any]:
+    """expert id -> EP rank -> world ranks holding it -> host and device, gathered from all
+    ranks."""
+    mesh = state.mesh
+    me = {"rank": mesh.rank, "host": socket.gethostname(), "device": str(state.device)}
+    workers = [me]
+    if mesh.world_size > 1:
+        workers = [None] * mesh.world_size  # type: ignore[list-item]
+        dist.all_gather_object(workers, me)
+    num_experts = state.cfg.model.moe.num_experts
+    per_rank = num_experts // mesh.ep
+    experts = []
+    for e in range(num_experts):
+        ep_rank = e // per_rank
+        ranks = [d * mesh.ep + ep_rank for d in range(mesh.dp)]
+        experts.append(
+            {
+                "expert": e,
+                "ep_rank": ep_rank,
+                "ranks": ranks,
+                "hosts": [workers[r]["host"] for r in ranks],
+                "devices": [workers[r]["device"] for r in ranks],
+            }
+        )
+    return {"world_size": mesh.world_size, "ep": mesh.ep, "dp": mesh.dp, "workers": workers, "experts": experts}
+
+
+def train_step(state: RunState) -> dict[str, torch.Tensor]:
+    """One optimizer step over grad_accum micro-batches. Returns device tensors (no sync)."""
+    cfg, model, device = state.cfg, state.model, state.device
+    accum = cfg.train.grad_accum
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if use_bf16
+        else contextlib.nullcontext()
+    )
+    lm_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    z_sum = torch.zeros((), device=device)
+    wait = 0.0
+    for _ in range(accum):
+        t0 = time.perf_counter()
+        rows = state.source.next_batch().to(device, non_blocking=True)
+        wait += time.perf_counter() - t0
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        with autocast:
+            out = model(inputs)
+        lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+        loss = (lm + out.aux_loss + out.z_loss) / accum
+        loss.backward()
+        lm_sum += lm.detach()
+        aux_sum += out.aux_loss.detach()
+        z_sum += out.z_loss.detach()
+    sync_gradients(model, state.mesh)
+    grad_norm = clip_grad_norm_(model, state.mesh, cfg.train.grad_clip)
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+
+    # One all-reduce per step carries the losses and the expert load of every MoE layer.
+    moes: list[MoE] = model.moe_layers()
+    parts = [torch.stack([lm_sum, aux_sum, z_sum]) / accum]
+    parts += [m.routed_E.float() for m in moes] + [torch.stack([m.dropped.float() for m in moes])] if moes else []
+    packed = torch.cat([p.reshape(-1) for p in parts])
+    if state.mesh.world_size > 1:
+        dist.all_reduce(packed, group=state.mesh.group("world"))
+    losses = packed[:3] / state.mesh.world_size
+    metrics: dict[str, torch.Tensor] = {
+        "lm_loss": losses[0],
+        "aux_loss": losses[1],
+        "z_loss": losses[2],
+        "grad_norm": grad_norm,
+    }
+    if moes:
+        E = moes[0].cfg.num_experts
+        load_LE = packed[3 : 3 + len(moes) * E].view(len(moes), E)
+        for m, load_E in zip(moes, load_LE, strict=True):
+            m.update_bias(load_E)
+            m.routed_E.zero_()
+            m.dropped.zero_()
+        metrics["load_LE"] = load_LE
+        metrics["dropped_L"] = packed[3 + len(moes) * E :]
+    metrics["lr"] = torch.tensor(lr)
+    metrics["data_wait_s"] = torch.tensor(wait)
+    state.step += 1
+    state.tokens += cfg.train.seq_len * cfg.train.micro_batch_size * accum * state.mesh.world_size
+    return metrics
+
+
+def make_sinks(cfg: JobConfig, rank: int) -> list[MetricSink]:
+    if rank != 0:
+        return []
+    sinks: list[MetricSink] = []
+    if cfg.ops.stdout:
+        sinks.append(StdoutSink())
+    if cfg.ops.jsonl:
+        sinks.append(JsonlSink(cfg.run.output_dir.rstrip("/") + "/metrics.jsonl"))
+    return sinks
+
+
+def run(cfg: JobConfig, *, local_rank: int = 0, sinks: list[MetricSink] | None = None) -> RunSummary:
+    """Trains `cfg.train.steps` steps and returns the summary (on every rank)."""
+    state = setup(cfg, local_rank=local_rank)
+    rank = state.mesh.rank
+    out = cfg.run.output_dir.rstrip("/")
+    plan = placement_plan(state)
+    if rank == 0:
+        write_text(f"{out}/config.yaml", to_yaml(cfg))
+        write_text(f"{out}/placement.json", json.dumps(plan, indent=1))
+        if cfg.checkpoint.every:
+            print(
+                f"warning: checkpoint.every={cfg.checkpoint.every} is set but this build writes "
+                "no checkpoints; training starts from step 0",
+                flush=True,
+            )
+    sinks = make_sinks(cfg, rank) if sinks is None else sinks
+    losses: list[float] = []
+    tokens_per_step = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * state.mesh.world_size
+    t_start = time.perf_counter()
+    t_window, steps_window = t_start, 0
+    try:
+        while state.step < cfg.train.steps:
+            m = train_step(state)
+            steps_window += 1
+            if state.step % cfg.run.log_every == 0 or state.step == cfg.train.steps:
+                if state.device.type == "cuda":
+                    torch.cuda.synchronize()  # host sync: honest step timing at log steps only
+                now = time.perf_counter()
+                dt = now - t_window
+                # Device-to-host sync: the logged values.
+                lm = m["lm_loss"].item()
+                record: dict[str, Any] = {
+                    "loss": lm + m["aux_loss"].item() + m["z_loss"].item(),
+                    "lm_loss": lm,
+                    "aux_loss": m["aux_loss"].item(),
+                    "z_loss": m["z_loss"].item(),
+                    "grad_norm": m["grad_norm"].item(),
+                    "lr": m["lr"].item(),
+                    "tokens": state.tokens,
+                    "tokens_per_s": tokens_per_step * steps_window / dt,
+                    "step_time_s": dt / steps_window,
+                    "data_wait_s": m["data_wait_s"].item(),
+                }
+                if "load_LE" in m:
+                    record["moe"] = expert_load_stats(m["load_LE"].cpu(), m["dropped_L"].cpu())
+                losses.append(record["loss"])
+                for s in sinks:
+                    s.log(record, state.step)
+                t_window, steps_window = time.perf_counter(), 0
+    finally:
+        for s in sinks:
+            s.close()
+        state.source.close()
+    wall = time.perf_counter() - t_start
+    summary = RunSummary(
+        steps=state.step,
+        tokens=state.tokens,
+        final_loss=losses[-1] if losses else float("nan"),
+        losses=losses,
+        tokens_per_s=state.tokens / wall if wall > 0 else 0.0,
+        wall_s=wall,
+        output_dir=out,
+        world_size=state.mesh.world_size,
+        ep=state.mesh.ep,
+    )
+    if rank == 0:
+        write_text(f"{out}/summary.json", json.dumps(summary.to_dict(), indent=1))
+    return summary

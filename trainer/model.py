@@ -1,0 +1,187 @@
+"""The decoder-only MoE transformer. It runs on one device and knows nothing of parallelism.
+
+Shape legend: B batch, S sequence, D model dim, H query heads, Hkv key/value heads,
+Dh head dim, V vocabulary.
+
+Build on the meta device, `parallelize`, then `materialize`: weights are drawn per parameter
+(and per expert, by global id) from the seed, so the initial model does not depend on the
+parallel layout.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.config import ModelConfig
+from trainer.moe import MoE, GroupedExperts, SwiGLU
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [S, Dh/2] for rotary embedding."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHSDh: Tensor, cos_SDh2: Tensor, sin_SDh2: Tensor) -> Tensor:
+    """Rotates consecutive halves of the head dim (the GPT-NeoX layout)."""
+    S = x_BHSDh.shape[-2]
+    cos, sin = cos_SDh2[:S], sin_SDh2[:S]
+    x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x_BHSDh.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head / grouped-query attention through scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.attention == "mla":
+            from trainer.mla import MLAttention
+
+            self.attn: nn.Module = MLAttention(cfg)
+        else:
+            self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = layer_id >= cfg.num_dense_layers
+        self.ffn: nn.Module = MoE(cfg.dim, cfg.moe) if self.is_moe else SwiGLU(cfg.dim, cfg.dense_hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, losses = self.ffn(h)
+            return x + y, losses.aux_loss, losses.z_loss
+        zero = x.new_zeros((), dtype=torch.float32)
+        return x + self.ffn(h), zero, zero
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    logits: Tensor  # [B, S, V]
+    aux_loss: Tensor  # summed over MoE layers, coefficient applied
+    z_loss: Tensor
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def forward(self, tokens_BS: Tensor) -> ModelOutput:
+        x = self.embed(tokens_BS)
+        aux = z = x.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            x, a, zl = block(x, self.rope_cos, self.rope_sin)
+            aux, z = aux + a, z + zl
+        return ModelOutput(self.head(self.norm(x)), aux, z)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(zlib.crc32(f"{seed}/{name}".encode()) + (seed << 32))
+    return g
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int) -> None:
+    """Draws every parameter from the seed and its name; each expert from its global id.
+
+    Linear and embedding weights ~ N(0, 0.02); output projections of attention and
+    feed-forward (wo, w2) are scaled by 1/sqrt(2 * num_layers) as in GPT-2; norms are ones;
+    router biases zero. Draws happen on the CPU so the result is the same on any device.
+    """
+    cfg = model.cfg
+    std = 0.02
+    out_std = std / math.sqrt(2 * cfg.num_layers)
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(module, RMSNorm) or p_name.endswith("norm_weight"):
+                p.fill_(1.0)
+                continue
+            s = out_std if p_name in ("w2",) or mod_name.endswith((".wo", ".w2")) else std
+            if isinstance(module, GroupedExperts):
+                for i in range(p.shape[0]):
+                    gid = module.expert_offset + i
+                    g = _generator(seed, f"{full}.{gid}")
+                    p[i].copy_(torch.empty(p.shape[1:]).normal_(0.0, s, generator=g))
+            else:
+                g = _generator(seed, full)
+                p.copy_(torch.empty(p.shape).normal_(0.0, s, generator=g))
+    for moe in model.moe_layers():
+        moe.router.expert_bias.zero_()
+        moe.routed_E.zero_()
+        moe.dropped.zero_()
+    rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+    cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+
+
+def materialize(model: Transformer, *, device: torch.device, seed: int) -> Transformer:
+    """Allocates a meta-built (and parallelized) model on `device` and initializes it."""
+    model.to_empty(device=device)
+    if model.cfg.tie_embeddings:
+        model.head.weight = model.embed.weight
+    init_weights(model, seed)
+    return model
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """The model on the meta device (no memory), ready for `parallelize` and `materialize`."""
+    with torch.device("meta"):
+        return Transformer(cfg)

@@ -1,0 +1,237 @@
+"""The Mixture-of-Experts feed-forward block: router, grouped SwiGLU experts, load balance.
+
+Shape legend: T tokens, D model dim, K top-k, E experts in total, L experts held here,
+F expert hidden, R rows (token, expert pairs) grouped by local expert, G expert groups.
+
+The block runs on one device and holds no process group: the dispatcher it is given decides
+where rows go (see `trainer/dispatch.py`); `parallelize` swaps in the all-to-all one and
+slices the expert weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.config import MoEConfig
+from trainer.dispatch import LocalDispatcher, TokenDispatcher
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    ids_TK: Tensor  # chosen global expert ids
+    weights_TK: Tensor  # fp32 combine weights
+    scores_TE: Tensor  # fp32 scores (softmax or sigmoid) of every expert
+    logits_TE: Tensor  # fp32 gate logits
+
+
+class Router(nn.Module):
+    """fp32 gate, softmax or sigmoid scores, optional group-limited top-k, selection bias."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
+        # Auxiliary-loss-free balancing: the bias changes which experts are picked, never the
+        # weights they are combined with. Saved in checkpoints, updated outside autograd.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        cfg = self.cfg
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if cfg.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+        select_TE = scores_TE.detach()
+        if cfg.bias_update_rate > 0:
+            select_TE = select_TE + self.expert_bias
+        if cfg.n_group > 1:
+            select_TE = self._limit_groups(select_TE)
+        ids_TK = torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if cfg.norm_topk_prob and cfg.top_k > 1:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * cfg.route_scale
+        return RouterOutput(ids_TK, weights_TK, scores_TE, logits_TE)
+
+    def _limit_groups(self, select_TE: Tensor) -> Tensor:
+        """Masks every expert outside each token's topk_group best groups."""
+        cfg = self.cfg
+        T = select_TE.shape[0]
+        grouped_TGe = select_TE.view(T, cfg.n_group, -1)
+        if cfg.score_func == "sigmoid" and grouped_TGe.shape[-1] >= 2:
+            # DeepSeek-V3 ranks a group by the sum of its two best scores.
+            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_TG = grouped_TGe.amax(dim=-1)  # DeepSeek-V2
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_TG.topk(cfg.topk_group, dim=-1).indices, True)
+        keep_TE = keep_TG.unsqueeze(-1).expand_as(grouped_TGe).reshape(T, -1)
+        return select_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def grouped_swiglu(x_RD: Tensor, counts_L: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """SwiGLU per expert over rows grouped by expert, as three grouped GEMMs.
+
+    x_RD: rows sorted by local expert; counts_L: rows per local expert (rows past their sum
+    are left unwritten); w1, w3: [L, D, F]; w2: [L, F, D]. Returns [R, D].
+    """
+    offs_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
+    h_RF = F.silu(torch._grouped_mm(x_RD, w1, offs=offs_L)) * torch._grouped_mm(x_RD, w3, offs=offs_L)
+    return torch._grouped_mm(h_RF, w2, offs=offs_L)
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts with weights stacked per layer: w1/w3 [L, D, F], w2 [L, F, D].
+
+    In the state dict each expert is saved under its global id (`<prefix>.<id>.w1`), so a
+    checkpoint written at one expert-parallel layout loads at another.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts  # E in the whole model
+        self.expert_offset = 0  # global id of the first expert held here
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self._register_state_dict_hook(_experts_to_global_keys)
+        self._register_load_state_dict_pre_hook(_experts_from_global_keys, with_module=True)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def shard(self, *, expert_offset: int, num_local: int) -> None:
+        """Keeps experts [expert_offset, expert_offset + num_local) (before materializing)."""
+        for name in ("w1", "w3", "w2"):
+            p = getattr(self, name)
+            setattr(self, name, nn.Parameter(p[expert_offset : expert_offset + num_local].detach().clone()))
+        self.expert_offset = expert_offset
+
+    def forward(self, x_RD: Tensor, counts_L: Tensor) -> Tensor:
+        dtype = x_RD.dtype
+        return grouped_swiglu(x_RD, counts_L, self.w1.to(dtype), self.w3.to(dtype), self.w2.to(dtype))
+
+
+_EXPERT_WEIGHTS = ("w1", "w3", "w2")
+
+
+def _experts_to_global_keys(module: GroupedExperts, state_dict, prefix, local_metadata) -> None:
+    for name in _EXPERT_WEIGHTS:
+        stacked = state_dict.pop(prefix + name)
+        for i in range(stacked.shape[0]):
+            state_dict[f"{prefix}{module.expert_offset + i}.{name}"] = stacked[i]
+
+
+def _experts_from_global_keys(
+    module: GroupedExperts, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+) -> None:
+    for name in _EXPERT_WEIGHTS:
+        keys = [f"{prefix}{module.expert_offset + i}.{name}" for i in range(module.num_local_experts)]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+    # Experts held by other ranks are not ours to load; drop them so strict loading passes.
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()]:
+        del state_dict[key]
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass(frozen=True)
+class MoELosses:
+    aux_loss: Tensor  # coefficient applied
+    z_loss: Tensor  # coefficient applied
+
+
+class MoE(nn.Module):
+    """Routed experts (plus optional shared experts) in place of a dense feed-forward."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(dim, cfg)
+        self.experts = GroupedExperts(dim, cfg.expert_hidden, cfg.num_experts)
+        self.shared = (
+            SwiGLU(dim, cfg.expert_hidden * cfg.num_shared_experts) if cfg.num_shared_experts else None
+        )
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
+        # Load since the last `pop_load`: pairs routed to each expert (before capacity drops)
+        # and pairs dropped, on this rank. Not saved.
+        self.register_buffer("routed_E", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("dropped", torch.zeros(()), persistent=False)
+
+    def forward(self, x_BSD: Tensor) -> tuple[Tensor, MoELosses]:
+        cfg = self.cfg
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        T = x_TD.shape[0]
+        r = self.router(x_TD)
+        counts_E = torch.bincount(r.ids_TK.reshape(-1), minlength=cfg.num_experts)
+        ids_TK = r.ids_TK
+        if cfg.capacity_factor > 0:
+            ids_TK = drop_overflow(ids_TK, cfg.num_experts, capacity(T, cfg))
+            self.dropped += (ids_TK == cfg.num_experts).sum().detach()
+        self.routed_E += counts_E.detach()
+
+        zero = x_TD.new_zeros((), dtype=torch.float32)
+        aux = zero
+        if self.training and cfg.aux_loss_coef > 0:
+            # Global-batch balance: the load fractions come from every rank's tokens; the
+            # mean scores are this rank's, so the mean of the ranks' losses is the loss of
+            # the global batch.
+            load_E = self.dispatcher.sum_over_batch(counts_E.float())
+            frac_E = load_E / load_E.sum()
+            probs_TE = r.scores_TE
+            if cfg.score_func == "sigmoid":
+                probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
+            aux = cfg.aux_loss_coef * cfg.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
+        z = zero
+        if self.training and cfg.z_loss_coef > 0:
+            z = cfg.z_loss_coef * torch.logsumexp(r.logits_TE, dim=-1).square().mean()
+
+        x_RD, counts_L, meta = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK)
+        y_RD = self.experts(x_RD, counts_L)
+        out_TD = self.dispatcher.combine(y_RD, meta, x_TD.dtype)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        return out_TD.view_as(x_BSD), MoELosses(aux, z)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: Tensor) -> None:
+        """DeepSeek-V3 bias step from the global per-expert load of the last step."""
+        if self.cfg.bias_update_rate > 0:
+            self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+
+def capacity(num_tokens: int, cfg: MoEConfig) -> int:
+    """Pairs one expert takes from one rank's tokens: ceil(cf * T * K / E)."""
+    return math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts)
+
+
+def drop_overflow(ids_TK: Tensor, num_experts: int, cap: int) -> Tensor:
+    """Marks pairs beyond each expert's capacity, in token order, with the id num_experts."""
+    flat_P = ids_TK.reshape(-1)
+    order_P = torch.argsort(flat_P, stable=True)
+    sorted_P = flat_P[order_P]
+    counts_E = torch.bincount(flat_P, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_P = torch.arange(flat_P.numel(), device=flat_P.device) - starts_E[sorted_P]
+    dropped_P = torch.zeros_like(flat_P, dtype=torch.bool)
+    dropped_P[order_P] = rank_P >= cap
+    return torch.where(dropped_P, num_experts, flat_P).view_as(ids_TK)
