@@ -35,6 +35,10 @@ class TokenSource(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def metrics(self) -> dict[str, Any]:
+        """Counters the loop adds to each logged step (e.g. bytes read, shards skipped)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -127,6 +131,9 @@ class CorpusSource:
                 f"data cursor was saved with seed {state['seed']} but train.seed is {self.seed}"
             )
         self.cursor = int(state["cursor"])
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         pass

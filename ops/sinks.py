@@ -67,7 +67,9 @@ class JsonlSink:
     def __init__(self, url: str, *, flush_every_s: float = 10.0) -> None:
         self.url = url
         self.fs, self.path = fsspec.core.url_to_fs(url)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
         self.flush_every_s = flush_every_s
         self._lines: list[str] = []
         self._last_flush = 0.0

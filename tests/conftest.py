@@ -15,3 +15,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def tmp_url(tmp_path):
     return str(tmp_path)
+
+
+from tests.s3_server import s3_bucket, s3_server  # noqa: E402,F401  (fixtures)

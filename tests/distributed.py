@@ -8,7 +8,9 @@ must pickle). An exception in any rank is re-raised here with that rank's traceb
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, world_size: int, store_path: str, fn: Callable[..., Any], args: tuple, queue) -> None:
+def _entry(
+    rank: int, world_size: int, store_path: str, fn: Callable[..., Any], args: tuple, queue
+) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -37,9 +41,11 @@ def _entry(rank: int, world_size: int, store_path: str, fn: Callable[..., Any], 
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300
+) -> list[Any]:
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         store = os.path.join(d, "store")
         procs = [
@@ -50,13 +56,24 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
             p.start()
         results: dict[int, Any] = {}
         errors: list[str] = []
-        for _ in range(world_size):
-            rank, status, payload = queue.get()
+        deadline = time.monotonic() + timeout_s
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+                if dead and queue.empty():
+                    errors.append(
+                        f"ranks {dead} exited without a result (exit codes "
+                        f"{[procs[r].exitcode for r in dead]})"
+                    )
+                elif time.monotonic() > deadline:
+                    errors.append(f"no result after {timeout_s}s")
+                continue
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                break
         for p in procs:
             p.join(timeout=5 if errors else timeout_s)
             if p.is_alive():

@@ -61,7 +61,9 @@ class MoEConfig:
             f"model.moe.top_k ({self.top_k}) must be between 1 and model.moe.num_experts "
             f"({self.num_experts})",
         )
-        _require(self.expert_hidden >= 1, f"model.moe.expert_hidden ({self.expert_hidden}) must be >= 1")
+        _require(
+            self.expert_hidden >= 1, f"model.moe.expert_hidden ({self.expert_hidden}) must be >= 1"
+        )
         _require(
             self.expert_hidden % 8 == 0,
             f"model.moe.expert_hidden ({self.expert_hidden}) must be a multiple of 8 (grouped "
@@ -85,8 +87,14 @@ class MoEConfig:
                 f"model.moe.top_k ({self.top_k}) exceeds the experts in model.moe.topk_group "
                 f"({self.topk_group}) groups of {per_group}",
             )
-        _require(self.capacity_factor >= 0, f"model.moe.capacity_factor ({self.capacity_factor}) must be >= 0")
-        _require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "model.moe loss coefficients must be >= 0")
+        _require(
+            self.capacity_factor >= 0,
+            f"model.moe.capacity_factor ({self.capacity_factor}) must be >= 0",
+        )
+        _require(
+            self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
+            "model.moe loss coefficients must be >= 0",
+        )
         _require(self.bias_update_rate >= 0, "model.moe.bias_update_rate must be >= 0")
 
 
@@ -123,7 +131,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads == 0:
             self.num_kv_heads = self.num_heads
-        _require(self.dim >= 1 and self.num_layers >= 1, "model.dim and model.num_layers must be >= 1")
+        _require(
+            self.dim >= 1 and self.num_layers >= 1, "model.dim and model.num_layers must be >= 1"
+        )
         _require(
             self.dim % self.num_heads == 0,
             f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})",
@@ -139,7 +149,8 @@ class ModelConfig:
             f"model.num_layers ({self.num_layers})",
         )
         _require(
-            self.dim % 8 == 0, f"model.dim ({self.dim}) must be a multiple of 8 (grouped GEMM alignment)"
+            self.dim % 8 == 0,
+            f"model.dim ({self.dim}) must be a multiple of 8 (grouped GEMM alignment)",
         )
         _require(self.vocab_size >= 2, f"model.vocab_size ({self.vocab_size}) must be >= 2")
 
@@ -181,7 +192,10 @@ class TrainConfig:
         for key in ("steps", "micro_batch_size", "seq_len", "grad_accum"):
             _require(getattr(self, key) >= 1, f"train.{key} ({getattr(self, key)}) must be >= 1")
         _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0")
-        _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
+        _require(
+            0 <= self.min_lr_ratio <= 1,
+            f"train.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]",
+        )
         _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0")
         _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0")
 

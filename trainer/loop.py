@@ -92,7 +92,10 @@ def build_optimizer(model: Transformer, cfg: JobConfig) -> torch.optim.Optimizer
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     t = cfg.train
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=t.lr,
         betas=(t.beta1, t.beta2),
         foreach=True,
@@ -180,7 +183,13 @@ def placement_plan(state: RunState) -> dict[str, Any]:
                 "devices": [workers[r]["device"] for r in ranks],
             }
         )
-    return {"world_size": mesh.world_size, "ep": mesh.ep, "dp": mesh.dp, "workers": workers, "experts": experts}
+    return {
+        "world_size": mesh.world_size,
+        "ep": mesh.ep,
+        "dp": mesh.dp,
+        "workers": workers,
+        "experts": experts,
+    }
 
 
 def train_step(state: RunState) -> dict[str, torch.Tensor]:
@@ -220,7 +229,11 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     # One all-reduce per step carries the losses and the expert load of every MoE layer.
     moes: list[MoE] = model.moe_layers()
     parts = [torch.stack([lm_sum, aux_sum, z_sum]) / accum]
-    parts += [m.routed_E.float() for m in moes] + [torch.stack([m.dropped.float() for m in moes])] if moes else []
+    parts += (
+        [m.routed_E.float() for m in moes] + [torch.stack([m.dropped.float() for m in moes])]
+        if moes
+        else []
+    )
     packed = torch.cat([p.reshape(-1) for p in parts])
     if state.mesh.world_size > 1:
         dist.all_reduce(packed, group=state.mesh.group("world"))
@@ -258,7 +271,9 @@ def make_sinks(cfg: JobConfig, rank: int) -> list[MetricSink]:
     return sinks
 
 
-def run(cfg: JobConfig, *, local_rank: int = 0, sinks: list[MetricSink] | None = None) -> RunSummary:
+def run(
+    cfg: JobConfig, *, local_rank: int = 0, sinks: list[MetricSink] | None = None
+) -> RunSummary:
     """Trains `cfg.train.steps` steps and returns the summary (on every rank)."""
     state = setup(cfg, local_rank=local_rank)
     rank = state.mesh.rank
@@ -275,7 +290,12 @@ def run(cfg: JobConfig, *, local_rank: int = 0, sinks: list[MetricSink] | None =
             )
     sinks = make_sinks(cfg, rank) if sinks is None else sinks
     losses: list[float] = []
-    tokens_per_step = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * state.mesh.world_size
+    tokens_per_step = (
+        cfg.train.seq_len
+        * cfg.train.micro_batch_size
+        * cfg.train.grad_accum
+        * state.mesh.world_size
+    )
     t_start = time.perf_counter()
     t_window, steps_window = t_start, 0
     try:
@@ -301,6 +321,7 @@ def run(cfg: JobConfig, *, local_rank: int = 0, sinks: list[MetricSink] | None =
                     "step_time_s": dt / steps_window,
                     "data_wait_s": m["data_wait_s"].item(),
                 }
+                record.update(state.source.metrics())
                 if "load_LE" in m:
                     record["moe"] = expert_load_stats(m["load_LE"].cpu(), m["dropped_L"].cpu())
                 losses.append(record["loss"])

@@ -82,7 +82,9 @@ def grouped_swiglu(x_RD: Tensor, counts_L: Tensor, w1: Tensor, w3: Tensor, w2: T
     are left unwritten); w1, w3: [L, D, F]; w2: [L, F, D]. Returns [R, D].
     """
     offs_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
-    h_RF = F.silu(torch._grouped_mm(x_RD, w1, offs=offs_L)) * torch._grouped_mm(x_RD, w3, offs=offs_L)
+    h_RF = F.silu(torch._grouped_mm(x_RD, w1, offs=offs_L)) * torch._grouped_mm(
+        x_RD, w3, offs=offs_L
+    )
     return torch._grouped_mm(h_RF, w2, offs=offs_L)
 
 
@@ -111,12 +113,18 @@ class GroupedExperts(nn.Module):
         """Keeps experts [expert_offset, expert_offset + num_local) (before materializing)."""
         for name in ("w1", "w3", "w2"):
             p = getattr(self, name)
-            setattr(self, name, nn.Parameter(p[expert_offset : expert_offset + num_local].detach().clone()))
+            setattr(
+                self,
+                name,
+                nn.Parameter(p[expert_offset : expert_offset + num_local].detach().clone()),
+            )
         self.expert_offset = expert_offset
 
     def forward(self, x_RD: Tensor, counts_L: Tensor) -> Tensor:
         dtype = x_RD.dtype
-        return grouped_swiglu(x_RD, counts_L, self.w1.to(dtype), self.w3.to(dtype), self.w2.to(dtype))
+        return grouped_swiglu(
+            x_RD, counts_L, self.w1.to(dtype), self.w3.to(dtype), self.w2.to(dtype)
+        )
 
 
 _EXPERT_WEIGHTS = ("w1", "w3", "w2")
@@ -133,11 +141,15 @@ def _experts_from_global_keys(
     module: GroupedExperts, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
 ) -> None:
     for name in _EXPERT_WEIGHTS:
-        keys = [f"{prefix}{module.expert_offset + i}.{name}" for i in range(module.num_local_experts)]
+        keys = [
+            f"{prefix}{module.expert_offset + i}.{name}" for i in range(module.num_local_experts)
+        ]
         if all(k in state_dict for k in keys):
             state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
     # Experts held by other ranks are not ours to load; drop them so strict loading passes.
-    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()]:
+    for key in [
+        k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()
+    ]:
         del state_dict[key]
 
 
@@ -169,7 +181,9 @@ class MoE(nn.Module):
         self.router = Router(dim, cfg)
         self.experts = GroupedExperts(dim, cfg.expert_hidden, cfg.num_experts)
         self.shared = (
-            SwiGLU(dim, cfg.expert_hidden * cfg.num_shared_experts) if cfg.num_shared_experts else None
+            SwiGLU(dim, cfg.expert_hidden * cfg.num_shared_experts)
+            if cfg.num_shared_experts
+            else None
         )
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
         # Load since the last `pop_load`: pairs routed to each expert (before capacity drops)
@@ -216,7 +230,9 @@ class MoE(nn.Module):
     def update_bias(self, load_E: Tensor) -> None:
         """DeepSeek-V3 bias step from the global per-expert load of the last step."""
         if self.cfg.bias_update_rate > 0:
-            self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+            self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(
+                load_E.mean() - load_E
+            )
 
 
 def capacity(num_tokens: int, cfg: MoEConfig) -> int:
