@@ -8,6 +8,7 @@ must pickle). An exception in any rank is re-raised here with that rank's traceb
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import tempfile
 import time
@@ -33,7 +34,9 @@ def _entry(
             "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensor data; the queue's own pickler would share memory that
+        # vanishes when this process exits before the parent reads it.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -71,7 +74,7 @@ def run_ranks(
                     errors.append(f"no result after {timeout_s}s")
                 continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
         for p in procs:
