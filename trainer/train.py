@@ -1,4 +1,8 @@
-"""`python -m trainer.train CONFIG [key=value ...]`, alone or under torchrun."""
+"""`python -m trainer.train CONFIG [key=value ...]`, alone or under torchrun.
+
+`--dry-run` sizes the job instead of training it (no GPU, no process group; see
+`trainer/dryrun.py`); `--json` prints that sizing as one JSON object.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,33 @@ import sys
 import torch.distributed as dist
 
 from trainer.config import ConfigError, load_config
-from trainer.loop import run
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    flags = {a for a in args if a in ("--dry-run", "--json")}
+    args = [a for a in args if a not in flags]
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m trainer.train CONFIG.yaml [key=value ...]", file=sys.stderr)
+        print(
+            "usage: python -m trainer.train CONFIG.yaml [key=value ...] [--dry-run [--json]]",
+            file=sys.stderr,
+        )
         return 2
+    if "--json" in flags and "--dry-run" not in flags:
+        print("--json goes with --dry-run", file=sys.stderr)
+        return 2
+    if "--dry-run" in flags:
+        from trainer import dryrun
+
+        try:
+            cfg = load_config(args[0], args[1:], ignore_sections=("cluster",))
+            return dryrun.main(cfg, json_out="--json" in flags)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+    # Imported here so that a dry run does not load the training loop and its dependencies.
+    from trainer.loop import run
+
     try:
         cfg = load_config(args[0], args[1:], ignore_sections=("cluster",))
         summary = run(cfg, local_rank=int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,0 +1,198 @@
+"""`--dry-run`: sizing a job on the meta device. The per-rank arithmetic is checked against
+models really parallelized on a fake process group, the activation estimate against the
+tensors a real forward saves, and the DeepSeek-V2 preset is sized for 64 ranks."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.config import ConfigError, load_config
+from trainer.dryrun import GIB, activation_bytes, main, size_job
+from trainer.flops import param_counts
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+RUNS = os.path.join(ROOT, "infra", "runs")
+TINY = os.path.join(RUNS, "tiny.yaml")
+MLA_TINY = [
+    "model.attention=mla",
+    "model.num_kv_heads=0",
+    "model.mla.kv_lora_rank=32",
+    "model.mla.q_lora_rank=48",
+    "model.mla.qk_nope_head_dim=16",
+    "model.mla.qk_rope_head_dim=8",
+    "model.mla.v_head_dim=16",
+    "model.num_dense_layers=1",
+    "model.moe.num_shared_experts=1",
+]
+
+
+def run_json(cfg, **kw) -> tuple[int, dict]:
+    buf = io.StringIO()
+    rc = main(cfg, json_out=True, out=buf, **kw)
+    return rc, json.loads(buf.getvalue())
+
+
+# The issue asks for under a minute on a CPU machine; it takes a few seconds.
+@pytest.mark.timeout(60)
+def test_deepseek_v2_sized_for_64_ranks(capsys):
+    (path,) = glob.glob(os.path.join(RUNS, "deepseek-v2-h*.yaml"))
+    cfg = load_config(path)
+    rc, out = run_json(cfg)
+    err = capsys.readouterr().err
+    c = param_counts(cfg.model)
+    assert out["total_params"] == c.total and out["active_params"] == c.active
+    assert out["world_size"] == 64 and out["ep"] == 8 and out["dp"] == 8
+    dense = c.total - c.experts_total
+    assert out["params_per_rank"] == dense + c.experts_total // 8
+    mem = out["memory_per_rank"]
+    # fp32 weight + grad + two AdamW moments, bf16 weight copies, activations.
+    assert mem["params"] == mem["grads"] == 4 * out["params_per_rank"]
+    assert mem["optimizer"] == 8 * out["params_per_rank"]
+    assert out["bytes_per_rank"] == sum(v for k, v in mem.items() if k != "total")
+    assert out["flops_per_token"] > 6 * c.active  # attention adds to 6N
+    # 236B with replicated dense state does not fit an H200: a clear error, exit 1.
+    assert rc == 1 and out["fits"] is False
+    assert "parallel.device_memory_gib" in out["error"] and "does not fit" in err
+    assert out["bytes_per_rank"] > 139 * GIB
+    # KV cache: (512 + 64) x 60 layers in bf16; MHA with the same heads and dims caches
+    # 128 x (192 + 128) per layer.
+    kv = out["kv_cache"]
+    assert out["kv_cache_bytes_per_token"] == kv["bytes_per_token"] == 576 * 60 * 2
+    assert kv["mha_bytes_per_token"] == 128 * 320 * 60 * 2
+    assert kv["reduction_vs_mha"] == pytest.approx(1 - 576 / 40960)
+    # Placement: EP rank e holds experts [20e, 20e + 20) on GPU e of every node.
+    assert len(out["placement"]) == 8
+    for p in out["placement"]:
+        e = p["ep_rank"]
+        assert p["first_expert"] == 20 * e and p["num_experts"] == 20
+        assert p["ranks"] == [8 * n + e for n in range(8)]
+        assert p["nodes"] == list(range(8)) and set(p["gpus"]) == {e}
+
+
+def _rank_params(rank: int, world: int, overrides: list[str]) -> tuple[int, list[int]]:
+    """The real path on a fake process group: build on meta, parallelize for this rank."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from trainer.mesh import build_mesh
+    from trainer.model import build_model
+    from trainer.parallelize import parallelize
+
+    cfg = load_config(TINY, overrides)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        mesh = build_mesh(world_size=world, rank=rank, ep=cfg.parallel.ep)
+        model = parallelize(build_model(cfg.model), mesh)
+        offsets = [m.experts.expert_offset for m in model.moe_layers()]
+        return sum(p.numel() for p in model.parameters()), offsets
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("world", "ep", "extra"),
+    [(4, 2, []), (4, 4, MLA_TINY), (8, 8, ["model.tie_embeddings=true"])],
+)
+def test_per_rank_arithmetic_equals_parallelized_models(world, ep, extra):
+    overrides = [f"parallel.ep={ep}", f"parallel.world_size={world}", *extra]
+    report = size_job(load_config(TINY, overrides))
+    by_ep_rank = {p.ep_rank: p for p in report.placement}
+    for rank in range(world):
+        n, offsets = _rank_params(rank, world, overrides)
+        assert n == report.params_per_rank, rank
+        p = by_ep_rank[rank % ep]
+        assert rank in p.ranks
+        assert set(offsets) == {p.first_expert}
+
+
+def _saved_bytes(overrides: list[str], batch: int, seq: int) -> tuple[int, int]:
+    """(bytes a real fp32 forward + loss saves for backward, the estimate)."""
+    from trainer.model import build_model, materialize
+
+    cfg = load_config(TINY, overrides).model
+    model = materialize(build_model(cfg), device=torch.device("cpu"), seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(tokens[:, :-1])
+        F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    # The logits stay alive (held by the model output) through backward.
+    measured = sum(v for k, v in storages.items() if k not in weights)
+    measured += out.logits.numel() * out.logits.element_size()
+    return measured, activation_bytes(cfg, tokens=batch * seq, bf16=False)
+
+
+@pytest.mark.parametrize("extra", [[], MLA_TINY], ids=["gqa", "mla"])
+def test_activation_estimate_matches_saved_tensors(extra):
+    torch.manual_seed(0)
+    measured, estimate = _saved_bytes(["model.num_dense_layers=1", *extra], 2, 48)
+    assert estimate == pytest.approx(measured, rel=0.1)
+
+
+def test_memory_check_fails_with_a_clear_message(capsys):
+    small = load_config(TINY, ["parallel.device_memory_gib=0.001"])
+    rc = main(small, out=io.StringIO())
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "parallel.device_memory_gib is 0.001" in err and "GiB" in err
+    fits = load_config(TINY, ["parallel.device_memory_gib=1"])
+    text = io.StringIO()
+    assert main(fits, out=text) == 0
+    assert "fits" in text.getvalue() and "expert placement" in text.getvalue()
+
+
+def test_memory_follows_dtype_and_micro_batch():
+    base = size_job(load_config(TINY, ["train.dtype=fp32"]))
+    assert base.memory.weight_copies == 0
+    bf16 = size_job(load_config(TINY, ["train.dtype=bf16"]))
+    assert bf16.memory.weight_copies > 0 and bf16.memory.activations < base.memory.activations
+    double = size_job(load_config(TINY, ["train.dtype=fp32", "train.micro_batch_size=8"]))
+    assert double.memory.activations == 2 * base.memory.activations
+    assert double.memory.params == base.memory.params
+
+
+def test_world_size_given_to_main_must_match_the_preset():
+    cfg = load_config(TINY, ["parallel.world_size=4"])
+    with pytest.raises(ConfigError, match=r"launcher started 6 ranks"):
+        size_job(cfg, world_size=6)
+    rc, out = run_json(load_config(TINY), world_size=6)
+    assert out["world_size"] == 6 and out["dp"] == 3 and rc == 0
+
+
+def test_cli_dry_run_json():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "trainer.train", TINY, "parallel.world_size=4", "--dry-run"]
+    r = subprocess.run([*cmd, "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("total_params", "active_params", "flops_per_token", "bytes_per_rank"):
+        assert key in out
+    assert out["world_size"] == 4 and out["dp"] == 2
+
+
+def test_cli_flags(capsys):
+    from trainer.train import main as train_main
+
+    assert train_main([TINY, "parallel.world_size=3", "--dry-run"]) == 2
+    assert "parallel.world_size (3) must be divisible by parallel.ep (2)" in capsys.readouterr().err
+    assert train_main([TINY, "--json"]) == 2
+    assert "--json goes with --dry-run" in capsys.readouterr().err
+    assert train_main(["--dry-run", TINY, "parallel.device_memory_gib=1"]) == 0
+    assert "expert placement" in capsys.readouterr().out
