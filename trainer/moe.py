@@ -219,12 +219,17 @@ class MoE(nn.Module):
         if self.training and cfg.z_loss_coef > 0:
             z = cfg.z_loss_coef * torch.logsumexp(r.logits_TE, dim=-1).square().mean()
 
+        # Under autocast the rows travel and meet the experts in the autocast dtype (bf16 on
+        # GPU): half the all-to-all bytes, and the grouped GEMM runs on the tensor cores.
+        dev = x_TD.device.type
+        if torch.is_autocast_enabled(dev):
+            x_TD = x_TD.to(torch.get_autocast_dtype(dev))
         x_RD, counts_L, meta = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK)
         y_RD = self.experts(x_RD, counts_L)
-        out_TD = self.dispatcher.combine(y_RD, meta, x_TD.dtype)
+        out_TD = self.dispatcher.combine(y_RD, meta, x_BSD.dtype)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        return out_TD.view_as(x_BSD), MoELosses(aux, z)
+        return out_TD.view(x_BSD.shape), MoELosses(aux, z)
 
     @torch.no_grad()
     def update_bias(self, load_E: Tensor) -> None:
