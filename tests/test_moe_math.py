@@ -211,7 +211,7 @@ def test_state_dict_names_experts_by_global_id_and_loads_at_another_layout():
         (["model.moe.n_group=3"], "model.moe.n_group (3)"),
         (["train.stepz=3"], "train.stepz"),
         (["train.steps=abc"], "train.steps"),
-        (["model.dim=100"], "model.dim (100)"),
+        (["model.dim=100", "model.num_heads=2"], "model.dim (100)"),
     ],
 )
 def test_config_errors_name_keys_and_values(overrides, needle):
