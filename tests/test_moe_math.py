@@ -264,3 +264,77 @@ def test_one_process_training_loss_falls(tmp_path):
     s = run(cfg)
     assert s.steps == 30 and len(s.losses) == 30
     assert sum(s.losses[-5:]) / 5 < sum(s.losses[:5]) / 5 - 0.5
+
+
+def test_metrics_jsonl_holds_the_step_record_and_expert_load(tmp_path):
+    from ops.sinks import read_metrics
+    from trainer.loop import run
+
+    cfg = load_config(
+        "infra/runs/tiny.yaml",
+        [
+            "parallel.ep=1",
+            "train.steps=3",
+            f"run.output_dir={tmp_path}",
+            "ops.stdout=false",
+            "model.moe.capacity_factor=1.0",
+        ],
+    )
+    run(cfg)
+    recs = read_metrics(f"{tmp_path}/metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    r = recs[-1]
+    for key in (
+        "loss",
+        "lm_loss",
+        "aux_loss",
+        "z_loss",
+        "grad_norm",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "data_wait_s",
+    ):
+        assert key in r, key
+    assert r["tokens"] == 3 * 4 * 64
+    assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"] + r["z_loss"])
+    layer = r["moe"][0]
+    # every routed (token, k) pair of the step is counted once
+    assert sum(layer["tokens"]) == 4 * 64 * 2 and len(layer["tokens"]) == 8
+    mean = sum(layer["tokens"]) / 8
+    assert layer["max_over_mean"] == pytest.approx(max(layer["tokens"]) / mean)
+    assert layer["idle_experts"] == sum(t == 0 for t in layer["tokens"])
+    assert 0 <= layer["dropped_frac"] < 1
+
+
+def test_gradient_accumulation_equals_one_big_micro_batch(tmp_path):
+    from trainer.loop import run
+
+    common = [
+        "parallel.ep=1",
+        "train.steps=4",
+        "ops.stdout=false",
+        "model.moe.aux_loss_coef=0",
+        "model.moe.z_loss_coef=0",
+    ]
+    big = run(
+        load_config(
+            "infra/runs/tiny.yaml",
+            [*common, "train.micro_batch_size=4", f"run.output_dir={tmp_path}/a"],
+        )
+    )
+    acc = run(
+        load_config(
+            "infra/runs/tiny.yaml",
+            [
+                *common,
+                "train.micro_batch_size=2",
+                "train.grad_accum=2",
+                f"run.output_dir={tmp_path}/b",
+            ],
+        )
+    )
+    torch.testing.assert_close(
+        torch.tensor(acc.losses), torch.tensor(big.losses), rtol=1e-5, atol=1e-5
+    )
+    assert acc.tokens == big.tokens
