@@ -338,3 +338,40 @@ def test_gradient_accumulation_equals_one_big_micro_batch(tmp_path):
         torch.tensor(acc.losses), torch.tensor(big.losses), rtol=1e-5, atol=1e-5
     )
     assert acc.tokens == big.tokens
+
+
+def test_loss_guard_skips_non_finite_steps_and_stops_after_too_many(tmp_path):
+    from trainer.guard import LossGuard, TrainingDiverged
+    from trainer.loop import setup, train_step
+
+    g = LossGuard(spike_factor=2.0, max_bad_steps=2)
+    assert g.is_bad(3.0, 1.0) is None
+    assert "non-finite" in g.is_bad(float("nan"), 1.0)
+    assert "running mean" in g.is_bad(7.0, 1.0)  # 7 > 2 x 3
+    assert g.is_bad(5.0, 1.0) is None
+
+    cfg = load_config(
+        "infra/runs/tiny.yaml",
+        [
+            "parallel.ep=1",
+            "train.max_bad_steps=2",
+            f"run.output_dir={tmp_path}",
+            "checkpoint.every=0",
+        ],
+    )
+    state = setup(cfg)
+    train_step(state)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    bias_before = state.model.moe_layers()[0].router.expert_bias.clone()
+    with torch.no_grad():
+        state.model.norm.weight[0] = float("nan")
+    m = train_step(state)
+    assert bool(m["skipped"]) and state.guard.skipped == 1 and state.step == 2
+    after = state.model.state_dict()
+    # nothing moved except the poisoned entry itself
+    for k, v in before.items():
+        if k != "norm.weight":
+            torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(state.model.moe_layers()[0].router.expert_bias, bias_before)
+    with pytest.raises(TrainingDiverged, match="2 steps in a row were skipped"):
+        train_step(state)
