@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dataloader.config import DataConfig
@@ -108,6 +109,33 @@ class MLAConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
 
+    def validate(self, *, dim: int, num_heads: int) -> None:
+        """Checks that the dims fit together (called by ModelConfig when attention is mla)."""
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require(
+                getattr(self, key) >= 1, f"model.mla.{key} ({getattr(self, key)}) must be >= 1"
+            )
+        _require(self.q_lora_rank >= 0, f"model.mla.q_lora_rank ({self.q_lora_rank}) must be >= 0")
+        _require(
+            self.qk_rope_head_dim % 2 == 0,
+            f"model.mla.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (rotary "
+            "embedding rotates pairs)",
+        )
+        kv_up = num_heads * (self.qk_nope_head_dim + self.v_head_dim)
+        _require(
+            self.kv_lora_rank < min(dim, kv_up),
+            f"model.mla.kv_lora_rank ({self.kv_lora_rank}) must be smaller than model.dim "
+            f"({dim}) and than model.num_heads x (model.mla.qk_nope_head_dim + "
+            f"model.mla.v_head_dim) ({kv_up}): the latent is a compression of both",
+        )
+        q_full = num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+        _require(
+            self.q_lora_rank < min(dim, q_full),
+            f"model.mla.q_lora_rank ({self.q_lora_rank}) must be smaller than model.dim ({dim}) "
+            f"and than model.num_heads x (model.mla.qk_nope_head_dim + "
+            f"model.mla.qk_rope_head_dim) ({q_full}), or 0 for no query compression",
+        )
+
 
 @dataclass
 class ModelConfig:
@@ -134,15 +162,31 @@ class ModelConfig:
         _require(
             self.dim >= 1 and self.num_layers >= 1, "model.dim and model.num_layers must be >= 1"
         )
-        _require(
-            self.dim % self.num_heads == 0,
-            f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})",
-        )
-        _require(
-            self.num_heads % self.num_kv_heads == 0,
-            f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
-            f"({self.num_kv_heads})",
-        )
+        _require(self.num_heads >= 1, f"model.num_heads ({self.num_heads}) must be >= 1")
+        if self.attention == "mla":
+            # MLA's head dims are its own (model.mla.*); it has no separate key/value heads.
+            _require(
+                self.num_kv_heads == self.num_heads,
+                f"model.num_kv_heads ({self.num_kv_heads}) does not apply to "
+                f"model.attention=mla (every head has its own keys and values, rebuilt from "
+                f"one latent); leave it 0 or equal to model.num_heads ({self.num_heads})",
+            )
+            self.mla.validate(dim=self.dim, num_heads=self.num_heads)
+        else:
+            _require(
+                self.dim % self.num_heads == 0,
+                f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})",
+            )
+            _require(
+                self.num_heads % self.num_kv_heads == 0,
+                f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
+                f"({self.num_kv_heads})",
+            )
+            _require(
+                self.head_dim % 2 == 0,
+                f"model.dim / model.num_heads ({self.head_dim}) must be even (rotary embedding "
+                "rotates pairs)",
+            )
         _require(
             0 <= self.num_dense_layers <= self.num_layers,
             f"model.num_dense_layers ({self.num_dense_layers}) must be between 0 and "
@@ -165,10 +209,24 @@ class ParallelConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Seconds a collective may wait before the run fails naming it (a dead or hung rank).
     timeout_s: float = 600.0
+    # Ranks the layout is written for; 0 = whatever the launcher starts. When set, a launch
+    # with another number of ranks fails, and `--dry-run` sizes the job for this many.
+    world_size: int = 0
+    # Usable memory of one device, for the dry run's fit check; 0 = no check.
+    device_memory_gib: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.ep >= 1, f"parallel.ep ({self.ep}) must be >= 1")
         _require(self.timeout_s > 0, f"parallel.timeout_s ({self.timeout_s}) must be > 0")
+        _require(self.world_size >= 0, f"parallel.world_size ({self.world_size}) must be >= 0")
+        _require(
+            self.world_size == 0 or self.world_size % self.ep == 0,
+            f"parallel.world_size ({self.world_size}) must be divisible by parallel.ep ({self.ep})",
+        )
+        _require(
+            self.device_memory_gib >= 0,
+            f"parallel.device_memory_gib ({self.device_memory_gib}) must be >= 0",
+        )
 
 
 @dataclass
@@ -187,8 +245,20 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = no clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # Loss guard: skip a step with a non-finite loss or gradient norm, or (spike_factor > 0)
+    # a loss above spike_factor x the running mean; stop after max_bad_steps in a row.
+    loss_guard: bool = True
+    spike_factor: float = 0.0
+    max_bad_steps: int = 3
 
     def __post_init__(self) -> None:
+        _require(
+            self.spike_factor == 0 or self.spike_factor > 1,
+            f"train.spike_factor ({self.spike_factor}) must be 0 (off) or > 1",
+        )
+        _require(
+            self.max_bad_steps >= 1, f"train.max_bad_steps ({self.max_bad_steps}) must be >= 1"
+        )
         for key in ("steps", "micro_batch_size", "seq_len", "grad_accum"):
             _require(getattr(self, key) >= 1, f"train.{key} ({getattr(self, key)}) must be >= 1")
         _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0")
@@ -208,11 +278,18 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     load_step: int = -1  # -1 = newest complete checkpoint
+    # A failed save is tried again `retries` times, waiting backoff_s, 2 * backoff_s, ...
+    # in between; then the run fails with the last error.
+    retries: int = 3
+    backoff_s: float = 2.0
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, f"checkpoint.every ({self.every}) must be >= 0")
         _require(self.keep_last >= 1, f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
         _require(self.keep_every >= 0, f"checkpoint.keep_every ({self.keep_every}) must be >= 0")
+        _require(self.retries >= 0, f"checkpoint.retries ({self.retries}) must be >= 0")
+        _require(self.backoff_s >= 0, f"checkpoint.backoff_s ({self.backoff_s}) must be >= 0")
+        _require(self.load_step >= -1, f"checkpoint.load_step ({self.load_step}) must be >= -1")
 
 
 @dataclass
@@ -251,8 +328,14 @@ class JobConfig:
         """Validates the layout against a world size and returns the data-parallel degree.
 
         Raises:
-            ConfigError: the world size is not a multiple of parallel.ep.
+            ConfigError: the world size is not a multiple of parallel.ep, or differs from
+                parallel.world_size when that is set.
         """
+        _require(
+            self.parallel.world_size in (0, world_size),
+            f"the launcher started {world_size} ranks but parallel.world_size is "
+            f"{self.parallel.world_size}",
+        )
         _require(
             world_size % self.parallel.ep == 0,
             f"world size ({world_size}) must be divisible by parallel.ep ({self.parallel.ep})",
@@ -262,13 +345,16 @@ class JobConfig:
 
 C = TypeVar("C", bound=JobConfig)
 
+# Sections that belong to a launcher's schema (cluster/ extends JobConfig with them).
+LAUNCHER_SECTIONS = ("cluster",)
+
 
 def load_config(
     path: str | os.PathLike[str] | None,
     overrides: list[str] | tuple[str, ...] = (),
     *,
     schema: type[C] = JobConfig,  # type: ignore[assignment]
-    ignore_sections: tuple[str, ...] = (),
+    ignore_sections: tuple[str, ...] | None = None,
 ) -> C:
     """Loads a YAML preset plus `key=value` overrides into the dataclass tree `schema`.
 
@@ -276,33 +362,47 @@ def load_config(
         path: a YAML file, or None for the defaults alone.
         overrides: OmegaConf dotted keys, e.g. `train.steps=20`.
         schema: the root dataclass (`cluster` passes a subclass with its own section).
-        ignore_sections: top-level YAML sections that this entrypoint does not read (the
-            `cluster` section under `torchrun`); they are dropped, not validated.
+        ignore_sections: top-level YAML sections that this entrypoint does not read; they
+            are dropped, not validated. None: the launcher sections the schema lacks (the
+            `cluster` section when loading a plain JobConfig, under `torchrun`).
 
     Raises:
         ConfigError: a missing file, an unknown key, a value of the wrong type, or a value
             that fails validation; the message names the file and the key.
     """
     where = str(path) if path is not None else "<defaults>"
+    if ignore_sections is None:
+        fields = {f.name for f in dataclasses.fields(schema)}
+        ignore_sections = tuple(s for s in LAUNCHER_SECTIONS if s not in fields)
     try:
         base = OmegaConf.structured(schema)
+        # The default ModelConfig resolved num_kv_heads (0 = num_heads) against the default
+        # num_heads; put the 0 back so a preset that sets only num_heads gets multi-head.
+        base.model.num_kv_heads = 0
         layers = [base]
         if path is not None:
             if not os.path.exists(path):
                 raise ConfigError(f"config file not found: {path}")
-            loaded = OmegaConf.load(path)
+            try:
+                loaded = OmegaConf.load(path)
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{where} is not valid YAML: {e}") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{where} must hold a mapping of sections, not a list or scalar")
             for section in ignore_sections:
                 loaded.pop(section, None)
             layers.append(loaded)
-        dotlist = []
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             key = item.split("=", 1)[0].lstrip("+")
             if key.split(".", 1)[0] in ignore_sections:
                 continue
-            dotlist.append(item)
-        layers.append(OmegaConf.from_dotlist(dotlist))
+            try:
+                layers.append(OmegaConf.from_dotlist([item]))
+            except (yaml.YAMLError, OmegaConfBaseException, ValueError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ConfigError(f"override {item!r} cannot be parsed: {msg}") from None
         merged = OmegaConf.merge(*layers)
         obj = OmegaConf.to_object(merged)
     except ConfigError:
