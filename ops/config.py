@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+
+class OpsConfigError(ValueError):
+    """An `ops.*` setting a user can fix; the message names the key and the value."""
 
 
 @dataclass
 class OpsConfig:
     stdout: bool = True  # print one line per logged step on rank 0
     jsonl: bool = True  # write run.output_dir/metrics.jsonl
+    # Sample this rank's GPU through NVML and (local rank 0) the node's CPU package energy
+    # through RAPL at every logged step. Values that cannot be measured are absent.
+    telemetry: bool = True
+    rapl_root: str = "/sys/class/powercap"
+    # Per-device peak dense bf16 TFLOP/s for MFU. 0 = look the device up in the table of
+    # known peaks (ops.metrics.PEAK_TFLOPS); on a device not in the table (a CPU) MFU is
+    # absent unless this is set.
+    peak_tflops: float = 0.0
+    # Prometheus export: "off"; "client" = a prometheus_client HTTP endpoint in each rank
+    # (rank r listens on prometheus_port + its local rank); "ray" = Ray's metrics agent
+    # (the Ray launcher sets this).
+    prometheus: Literal["off", "client", "ray"] = "off"
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 9464
+    # Keep the client endpoint up this long after the last step so a scrape can collect the
+    # final values of a short run.
+    prometheus_linger_s: float = 0.0
 
     def __post_init__(self) -> None:
-        pass
+        if not 1 <= self.prometheus_port <= 65535:
+            raise OpsConfigError(
+                f"ops.prometheus_port ({self.prometheus_port}) must be between 1 and 65535"
+            )
+        if self.prometheus_linger_s < 0:
+            raise OpsConfigError(
+                f"ops.prometheus_linger_s ({self.prometheus_linger_s}) must be >= 0"
+            )
+        if self.peak_tflops < 0:
+            raise OpsConfigError(f"ops.peak_tflops ({self.peak_tflops}) must be >= 0")
+        if not self.prometheus_host:
+            raise OpsConfigError("ops.prometheus_host must not be empty")

@@ -32,7 +32,16 @@ class StdoutSink:
     def __init__(
         self,
         *,
-        keys: tuple[str, ...] = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s"),
+        keys: tuple[str, ...] = (
+            "loss",
+            "lm_loss",
+            "aux_loss",
+            "grad_norm",
+            "lr",
+            "tokens_per_s",
+            "mfu",
+            "energy_per_token_j",
+        ),
         stream: TextIO | None = None,
     ) -> None:
         self.keys = keys
