@@ -22,8 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dataloader.source import TokenSource, build_source
+from ops.prometheus import build_prometheus_sink
 from ops.sinks import JsonlSink, MetricSink, StdoutSink
+from ops.telemetry import Telemetry
+from trainer.checkpoint import Checkpointer, CheckpointHook
 from trainer.config import ConfigError, JobConfig, to_yaml
+from trainer.flops import flops_per_token
+from trainer.guard import LossGuard
 from trainer.mesh import Mesh, build_mesh, init_distributed
 from trainer.model import Transformer, build_model, materialize
 from trainer.moe import MoE
@@ -41,7 +46,8 @@ class RunState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     source: TokenSource
-    step: int = 0  # optimizer steps completed
+    guard: LossGuard | None = None
+    step: int = 0  # steps completed (a step the loss guard skipped counts, its data is used)
     tokens: int = 0  # global tokens trained on
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -128,7 +134,12 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
     materialize(model, device=device, seed=cfg.train.seed)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    return RunState(cfg, mesh, device, model, optimizer, scheduler, source)
+    guard = (
+        LossGuard(spike_factor=cfg.train.spike_factor, max_bad_steps=cfg.train.max_bad_steps)
+        if cfg.train.loss_guard
+        else None
+    )
+    return RunState(cfg, mesh, device, model, optimizer, scheduler, source, guard)
 
 
 def expert_load_stats(load_LE: torch.Tensor, dropped_L: torch.Tensor) -> list[dict[str, Any]]:
@@ -222,9 +233,6 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     sync_gradients(model, state.mesh)
     grad_norm = clip_grad_norm_(model, state.mesh, cfg.train.grad_clip)
     lr = state.optimizer.param_groups[0]["lr"]
-    state.optimizer.step()
-    state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
 
     # One all-reduce per step carries the losses and the expert load of every MoE layer.
     moes: list[MoE] = model.moe_layers()
@@ -238,17 +246,29 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     if state.mesh.world_size > 1:
         dist.all_reduce(packed, group=state.mesh.group("world"))
     losses = packed[:3] / state.mesh.world_size
+
+    skip = None
+    if state.guard is not None:
+        # Device-to-host sync: the guard decides on the global loss and norm, which every
+        # rank holds identically, so all ranks skip or step together.
+        skip = state.guard.is_bad(float(losses.sum()), float(grad_norm))
+    if skip is None:
+        state.optimizer.step()
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, torch.Tensor] = {
         "lm_loss": losses[0],
         "aux_loss": losses[1],
         "z_loss": losses[2],
         "grad_norm": grad_norm,
+        "skipped": torch.tensor(skip is not None),
     }
     if moes:
         E = moes[0].cfg.num_experts
         load_LE = packed[3 : 3 + len(moes) * E].view(len(moes), E)
         for m, load_E in zip(moes, load_LE, strict=True):
-            m.update_bias(load_E)
+            if skip is None:
+                m.update_bias(load_E)
             m.routed_E.zero_()
             m.dropped.zero_()
         metrics["load_LE"] = load_LE
@@ -257,13 +277,29 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     metrics["data_wait_s"] = torch.tensor(wait)
     state.step += 1
     state.tokens += cfg.train.seq_len * cfg.train.micro_batch_size * accum * state.mesh.world_size
+    if state.guard is not None:
+        state.guard.record(skip, step=state.step)
     return metrics
 
 
-def make_sinks(cfg: JobConfig, rank: int) -> list[MetricSink]:
-    if rank != 0:
-        return []
+def make_sinks(
+    cfg: JobConfig, rank: int, *, local_rank: int = 0, gpu_uuid: str | None = None
+) -> list[MetricSink]:
+    """stdout and metrics.jsonl on rank 0; Prometheus (if `ops.prometheus` is on) on every
+    rank, each exporting its own GPU's series."""
     sinks: list[MetricSink] = []
+    prom = build_prometheus_sink(
+        cfg.ops,
+        run=cfg.run.name,
+        node=socket.gethostname(),
+        rank=rank,
+        local_rank=local_rank,
+        gpu=gpu_uuid,
+    )
+    if prom is not None:
+        sinks.append(prom)
+    if rank != 0:
+        return sinks
     if cfg.ops.stdout:
         sinks.append(StdoutSink())
     if cfg.ops.jsonl:
@@ -271,24 +307,68 @@ def make_sinks(cfg: JobConfig, rank: int) -> list[MetricSink]:
     return sinks
 
 
+def device_identity(device: torch.device) -> tuple[str | None, str | None]:
+    """(GPU UUID, device name) for ops: NVML finds the GPU by UUID, not by torch's index."""
+    if device.type != "cuda":
+        return None, None
+    props = torch.cuda.get_device_properties(device)
+    return str(props.uuid), props.name
+
+
+def make_telemetry(state: RunState, *, local_rank: int, gpu_uuid: str | None) -> Telemetry:
+    mesh, device = state.mesh, state.device
+
+    def gather(values: list[float]) -> list[list[float]]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        rows = [torch.empty_like(t) for _ in range(mesh.world_size)]
+        dist.all_gather(rows, t, group=mesh.group("world"))
+        return torch.stack(rows).cpu().tolist()  # device-to-host sync, at log steps only
+
+    return Telemetry(
+        state.cfg.ops,
+        rank=mesh.rank,
+        local_rank=local_rank,
+        world_size=mesh.world_size,
+        gpu_uuid=gpu_uuid,
+        device_name=device_identity(device)[1],
+        flops_per_token=flops_per_token(state.cfg.model, state.cfg.train.seq_len),
+        gather=gather if mesh.world_size > 1 else None,
+    )
+
+
 def run(
-    cfg: JobConfig, *, local_rank: int = 0, sinks: list[MetricSink] | None = None
+    cfg: JobConfig,
+    *,
+    local_rank: int = 0,
+    sinks: list[MetricSink] | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+    placement: dict[str, Any] | None = None,
 ) -> RunSummary:
-    """Trains `cfg.train.steps` steps and returns the summary (on every rank)."""
+    """Trains up to `cfg.train.steps` steps and returns the summary (on every rank).
+
+    Resumes from the newest complete checkpoint in `run.output_dir` (see
+    `trainer/checkpoint.py`); `on_checkpoint(url, step, metrics)` is called on every rank
+    after each checkpoint is complete (the Ray launcher registers it with Ray Train).
+    `placement` is the expert placement plan a launcher computed (cluster/placement.py, with
+    Ray node ids); it must be given on every rank or on none. Without it the loop gathers
+    hostnames itself (`placement_plan`).
+    """
     state = setup(cfg, local_rank=local_rank)
     rank = state.mesh.rank
     out = cfg.run.output_dir.rstrip("/")
-    plan = placement_plan(state)
+    plan = placement if placement is not None else placement_plan(state)
     if rank == 0:
         write_text(f"{out}/config.yaml", to_yaml(cfg))
         write_text(f"{out}/placement.json", json.dumps(plan, indent=1))
-        if cfg.checkpoint.every:
-            print(
-                f"warning: checkpoint.every={cfg.checkpoint.every} is set but this build writes "
-                "no checkpoints; training starts from step 0",
-                flush=True,
-            )
-    sinks = make_sinks(cfg, rank) if sinks is None else sinks
+    ckpt = Checkpointer(
+        cfg.checkpoint, out, state.mesh, config_yaml=to_yaml(cfg), on_checkpoint=on_checkpoint
+    )
+    ckpt.resume(state)
+    last_record: dict[str, Any] = {}
+    gpu_uuid = device_identity(state.device)[0]
+    telemetry = make_telemetry(state, local_rank=local_rank, gpu_uuid=gpu_uuid)
+    if sinks is None:
+        sinks = make_sinks(cfg, rank, local_rank=local_rank, gpu_uuid=gpu_uuid)
     losses: list[float] = []
     tokens_per_step = (
         cfg.train.seq_len
@@ -296,12 +376,14 @@ def run(
         * cfg.train.grad_accum
         * state.mesh.world_size
     )
+    telemetry.start()
     t_start = time.perf_counter()
-    t_window, steps_window = t_start, 0
+    t_window, steps_window, wait_window = t_start, 0, 0.0
     try:
         while state.step < cfg.train.steps:
             m = train_step(state)
             steps_window += 1
+            wait_window += float(m["data_wait_s"])  # a host tensor: no device sync
             if state.step % cfg.run.log_every == 0 or state.step == cfg.train.steps:
                 if state.device.type == "cuda":
                     torch.cuda.synchronize()  # host sync: honest step timing at log steps only
@@ -321,16 +403,31 @@ def run(
                     "step_time_s": dt / steps_window,
                     "data_wait_s": m["data_wait_s"].item(),
                 }
+                if state.guard is not None:
+                    record["skipped_steps"] = state.guard.skipped
+                    record["step_skipped"] = bool(m["skipped"])
                 record.update(state.source.metrics())
                 if "load_LE" in m:
                     record["moe"] = expert_load_stats(m["load_LE"].cpu(), m["dropped_L"].cpu())
+                telemetry.update(
+                    record,
+                    window_s=dt,
+                    window_steps=steps_window,
+                    window_tokens=tokens_per_step * steps_window,
+                    window_data_wait_s=wait_window,
+                )
                 losses.append(record["loss"])
                 for s in sinks:
                     s.log(record, state.step)
-                t_window, steps_window = time.perf_counter(), 0
+                t_window, steps_window, wait_window = time.perf_counter(), 0, 0.0
+                last_record = record
+            ckpt.maybe_save(state, last_record, final_step=cfg.train.steps)
+        ckpt.close()  # waits for a background save; raises its error
     finally:
+        ckpt.close(raise_errors=False)
         for s in sinks:
             s.close()
+        telemetry.close()
         state.source.close()
     wall = time.perf_counter() - t_start
     summary = RunSummary(
