@@ -1,0 +1,292 @@
+"""MoE layer speed against references measured in the same run.
+
+Mode `layer` (default), fp32 on CPU: forward+backward of
+  - the MoE layer (router, sort, grouped GEMM, combine),
+  - a dense SwiGLU with the same active size (hidden = top_k x expert hidden) on the same
+    tokens: the reference that does the same matmul FLOPs with no routing,
+  - a per-expert Python loop (gather each expert's tokens, three matmuls, index_add),
+for a coarse (8 experts, top-2) and a fine-grained DeepSeekMoE-like config (64 experts,
+top-6). Times are medians of interleaved repeats; peak memory is the growth of the process's
+resident high-water mark (Linux VmHWM, reset before the step) during one forward+backward,
+each variant in its own subprocess.
+
+Mode `a2a`: EP=2 over two gloo processes. The achieved all-to-all bandwidth of the
+dispatcher's exchange (the autograd-aware functional `all_to_all_single` it calls, there and
+back) against raw `dist.all_to_all_single` calls moving the same bytes with the same splits;
+and, for the full picture, the whole dispatch+combine (sort, gather, count exchange, regroup,
+weighted combine) expressed as the same bytes over its time.
+
+    python bench/moe_layer.py            # both modes
+    python bench/moe_layer.py --mode layer --tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer.config import MoEConfig
+from trainer.moe import MoE, SwiGLU
+
+CONFIGS = {
+    "coarse": dict(num_experts=8, top_k=2, expert_hidden=1024),
+    "fine": dict(num_experts=64, top_k=6, expert_hidden=256),
+}
+
+
+def build(name: str, dim: int, tokens: int, variant: str):
+    torch.manual_seed(0)
+    cfg = MoEConfig(**CONFIGS[name], aux_loss_coef=0.01)
+    x = torch.randn(tokens, dim)
+    grad = torch.randn(tokens, dim)
+    if variant == "dense":
+        layer = SwiGLU(dim, cfg.top_k * cfg.expert_hidden)
+    else:
+        layer = MoE(dim, cfg)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, 0.02)
+    return cfg, layer, x, grad
+
+
+def loop_moe(moe: MoE, x_TD: torch.Tensor):
+    """The per-expert Python loop a first implementation would write."""
+    r = moe.router(x_TD)
+    out = torch.zeros_like(x_TD)
+    ex = moe.experts
+    for e in range(moe.cfg.num_experts):
+        tok, k = torch.where(r.ids_TK == e)
+        if tok.numel() == 0:
+            continue
+        xe = x_TD[tok]
+        h = F.silu(xe @ ex.w1[e]) * (xe @ ex.w3[e])
+        out = out.index_add(0, tok, (h @ ex.w2[e]) * r.weights_TK[tok, k, None])
+    return out
+
+
+def step(variant: str, layer, x: torch.Tensor, grad: torch.Tensor) -> None:
+    xi = x.detach().requires_grad_()
+    if variant == "dense":
+        out = layer(xi)
+    elif variant == "moe":
+        out, losses = layer(xi.unsqueeze(0))
+        out = out.squeeze(0) + 0 * losses.aux_loss
+    else:
+        out = loop_moe(layer, xi)
+    out.backward(grad)
+
+
+def time_variants(name: str, dim: int, tokens: int, repeats: int) -> dict[str, float]:
+    layers = {v: build(name, dim, tokens, v) for v in ("moe", "dense", "loop")}
+    for v, (_, layer, x, g) in layers.items():
+        step(v, layer, x, g)  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in layers}
+    for _ in range(repeats):
+        for v, (_, layer, x, g) in layers.items():
+            t0 = time.perf_counter()
+            step(v, layer, x, g)
+            times[v].append(time.perf_counter() - t0)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_child(name: str, dim: int, tokens: int, variant: str) -> None:
+    _, layer, x, g = build(name, dim, tokens, variant)
+    # Linux resets the resident high-water mark (VmHWM) when 5 is written to clear_refs, so
+    # the peak below is that of one forward+backward alone.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    step(variant, layer, x, g)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+
+
+def peak_memory(name: str, dim: int, tokens: int, variant: str) -> float:
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child-mem",
+            name,
+            variant,
+            "--dim",
+            str(dim),
+            "--tokens",
+            str(tokens),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def mode_layer(args) -> list[dict]:
+    rows = []
+    for name in ("coarse", "fine"):
+        t = time_variants(name, args.dim, args.tokens, args.repeats)
+        mem = {v: peak_memory(name, args.dim, args.tokens, v) for v in ("moe", "dense", "loop")}
+        cfg = CONFIGS[name]
+        rows.append(
+            {
+                "config": f"{name}: E={cfg['num_experts']} top-{cfg['top_k']} F={cfg['expert_hidden']}",
+                "moe_ms": t["moe"] * 1e3,
+                "dense_ms": t["dense"] * 1e3,
+                "loop_ms": t["loop"] * 1e3,
+                "moe/dense": t["moe"] / t["dense"],
+                "loop/moe": t["loop"] / t["moe"],
+                "peak_mib": mem,
+            }
+        )
+    print(
+        f"\nMoE layer fwd+bwd, fp32 CPU, dim {args.dim}, {args.tokens} tokens, median of {args.repeats}"
+    )
+    print(
+        f"{'config':<32} {'moe ms':>8} {'dense ms':>9} {'loop ms':>8} {'moe/dense':>10} {'loop/moe':>9}  peak MiB (moe/dense/loop)"
+    )
+    for r in rows:
+        m = r["peak_mib"]
+        print(
+            f"{r['config']:<32} {r['moe_ms']:>8.1f} {r['dense_ms']:>9.1f} {r['loop_ms']:>8.1f} "
+            f"{r['moe/dense']:>10.2f} {r['loop/moe']:>9.2f}  {m['moe']:.0f}/{m['dense']:.0f}/{m['loop']:.0f}"
+        )
+    print("targets: moe/dense <= 1.2 (coarse), <= 1.5 (fine); loop/moe >= 2")
+    return rows
+
+
+def _a2a_rank(
+    rank: int, world: int, store: str, dim: int, tokens: int, repeats: int, queue
+) -> None:
+    import torch.distributed as dist
+
+    from trainer.dispatch import AllToAllDispatcher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    E, K = 8, 2
+    d = AllToAllDispatcher(E, ep_group=dist.group.WORLD, batch_group=dist.group.WORLD)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens, dim)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
+    w = torch.rand(tokens, K)
+
+    def moe_exchange():
+        rows, _, meta = d.dispatch(x, ids, w)
+        d.combine(rows, meta, x.dtype)
+        return meta
+
+    meta = moe_exchange()
+    send, recv = meta.send_splits, meta.recv_splits
+    buf_send = torch.randn(sum(send), dim)
+
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    def funcol_exchange():
+        a = all_to_all_single_autograd(buf_send, recv, send, group=dist.group.WORLD)
+        b = all_to_all_single_autograd(a, send, recv, group=dist.group.WORLD)
+        b.sum()  # waits on the collective
+
+    def raw_exchange():
+        a = torch.empty(sum(recv), dim)
+        dist.all_to_all_single(a, buf_send, recv, send)
+        b = torch.empty(sum(send), dim)
+        dist.all_to_all_single(b, a, send, recv)
+
+    raw_exchange()
+    funcol_exchange()
+    t_moe, t_raw, t_fc = [], [], []
+    for _ in range(repeats):
+        for fn, acc in ((moe_exchange, t_moe), (raw_exchange, t_raw), (funcol_exchange, t_fc)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    # bytes this rank sent in both directions
+    nbytes = (sum(send) + sum(recv)) * dim * 4
+    if rank == 0:
+        queue.put(
+            {
+                "moe_s": statistics.median(t_moe),
+                "raw_s": statistics.median(t_raw),
+                "funcol_s": statistics.median(t_fc),
+                "bytes": nbytes,
+            }
+        )
+    dist.destroy_process_group()
+
+
+def mode_a2a(args) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(
+                target=_a2a_rank, args=(r, 2, store, args.dim, args.tokens, args.repeats, q)
+            )
+            for r in range(2)
+        ]
+        for p in procs:
+            p.start()
+        res = q.get(timeout=600)
+        for p in procs:
+            p.join()
+    moe_bw = res["bytes"] / res["moe_s"] / 1e9
+    raw_bw = res["bytes"] / res["raw_s"] / 1e9
+    fc_bw = res["bytes"] / res["funcol_s"] / 1e9
+    print(
+        f"\nEP=2 on gloo, {args.tokens} tokens x dim {args.dim} per rank, 8 experts top-2, median of {args.repeats}"
+    )
+    print(
+        f"{'raw all_to_all GB/s':>20} {'dispatcher a2a GB/s':>20} {'ratio':>6} {'dispatch+combine GB/s':>22} {'ratio':>6}"
+    )
+    print(
+        f"{raw_bw:>20.2f} {fc_bw:>20.2f} {fc_bw / raw_bw:>6.2f} {moe_bw:>22.2f} {moe_bw / raw_bw:>6.2f}"
+        "   (target: dispatcher a2a / raw >= 0.8)"
+    )
+    return {"raw_GBps": raw_bw, "a2a_GBps": fc_bw, "moe_GBps": moe_bw}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--mode", choices=["layer", "a2a", "all"], default="all")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child-mem", nargs=2, metavar=("CONFIG", "VARIANT"))
+    args = ap.parse_args()
+    if args.child_mem:
+        peak_memory_child(args.child_mem[0], args.dim, args.tokens, args.child_mem[1])
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.mode in ("layer", "all"):
+        mode_layer(args)
+    if args.mode in ("a2a", "all"):
+        mode_a2a(args)
+
+
+if __name__ == "__main__":
+    main()
