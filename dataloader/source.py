@@ -158,4 +158,15 @@ def build_source(
             world_size=world_size,
             seed=seed,
         )
-    raise ValueError(f"data.source {cfg.source!r} is not available yet")
+    if cfg.source == "shards":
+        from dataloader.reader import ShardSource
+
+        return ShardSource(
+            cfg,
+            seq_len=seq_len,
+            micro_batch_size=micro_batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+        )
+    raise ValueError(f"data.source ({cfg.source!r}) must be 'corpus' or 'shards'")

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 import pytest
 
 _SERVER = """
-import sys
+import logging, sys
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 from moto.server import ThreadedMotoServer
 s = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
 s.start()
