@@ -37,14 +37,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
     # Imported here so that a dry run does not load the training loop and its dependencies.
+    from dataloader.format import ManifestError
+    from dataloader.storage import DataError
+    from ops.config import OpsConfigError
+    from trainer.checkpoint import CheckpointError
+    from trainer.guard import TrainingDiverged
     from trainer.loop import run
 
     try:
         cfg = load_config(args[0], args[1:], ignore_sections=("cluster",))
         summary = run(cfg, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    except ConfigError as e:
+    except (ConfigError, OpsConfigError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (DataError, ManifestError, CheckpointError, TrainingDiverged) as e:
+        # Errors a user can act on: the message names the file, URL or setting; no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

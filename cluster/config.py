@@ -1,0 +1,94 @@
+"""The `cluster` section of the job config, and the root config `cluster.launch` loads.
+
+`trainer.train` drops this section (`ignore_sections=("cluster",)`), so one preset serves
+both launchers: `torchrun` takes its world size from the command line, Ray from
+`cluster.num_workers`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trainer.config import ConfigError, JobConfig, load_config
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = 2  # training workers (Ray actors); the world size
+    use_gpu: bool = False  # one GPU per worker; NCCL. Off: CPU workers and gloo
+    cpus_per_worker: float = 1.0
+    # Ray placement group strategy. PACK fills a node before the next one, which keeps an
+    # expert-parallel group (consecutive ranks) inside a node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Worker-group restarts after a worker dies or raises; -1 = unlimited, 0 = none.
+    max_failures: int = 0
+    # "auto": RAY_ADDRESS, else the cluster `ray start` left on this machine; or host:port.
+    ray_address: str = "auto"
+    connect_timeout_s: float = 10.0  # how long the Ray address may stay unreachable
+    # How long to wait for the cluster to have room for every worker before failing.
+    start_timeout_s: float = 120.0
+    # Where Ray Train keeps its run state. Empty: the parent of run.output_dir, with the run
+    # named after its last component, so that checkpoints written to run.output_dir are
+    # registered with Ray in place and a resubmitted job continues the same run.
+    storage_path: str = ""
+    run_name: str = ""  # empty: the last component of run.output_dir
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"cluster.num_workers ({self.num_workers}) must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cluster.cpus_per_worker ({self.cpus_per_worker}) must be > 0")
+        if self.max_failures < -1:
+            raise ConfigError(
+                f"cluster.max_failures ({self.max_failures}) must be -1 (unlimited) or >= 0"
+            )
+        for key in ("connect_timeout_s", "start_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"cluster.{key} ({getattr(self, key)}) must be > 0")
+        if "/" in self.run_name:
+            raise ConfigError(f"cluster.run_name ({self.run_name!r}) must not contain '/'")
+
+
+@dataclass
+class LaunchConfig(JobConfig):
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        c = self.cluster
+        if c.num_workers % self.parallel.ep:
+            raise ConfigError(
+                f"cluster.num_workers ({c.num_workers}) must be divisible by parallel.ep "
+                f"({self.parallel.ep})"
+            )
+        if self.parallel.world_size and self.parallel.world_size != c.num_workers:
+            raise ConfigError(
+                f"parallel.world_size ({self.parallel.world_size}) does not match "
+                f"cluster.num_workers ({c.num_workers})"
+            )
+        if not c.use_gpu and self.parallel.backend == "nccl":
+            raise ConfigError("parallel.backend is 'nccl' but cluster.use_gpu is false")
+        if not c.use_gpu and self.train.device == "cuda":
+            raise ConfigError("train.device is 'cuda' but cluster.use_gpu is false")
+        if c.use_gpu and self.train.device == "cpu":
+            raise ConfigError("train.device is 'cpu' but cluster.use_gpu is true")
+
+    @property
+    def backend(self) -> str:
+        """The collective backend the workers' process group uses."""
+        if self.parallel.backend != "auto":
+            return self.parallel.backend
+        return "nccl" if self.cluster.use_gpu else "gloo"
+
+
+def load_launch_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()
+) -> LaunchConfig:
+    """The preset plus overrides, with the `cluster` section validated.
+
+    Raises:
+        ConfigError: a missing file, a bad key or value; the message names it.
+    """
+    return load_config(path, overrides, schema=LaunchConfig)
