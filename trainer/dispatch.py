@@ -182,8 +182,10 @@ class AllToAllDispatcher(TokenDispatcher):
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
         assert meta.regroup_R is not None and meta.send_splits is not None
-        y_src_RD = torch.empty_like(y_RD)
-        y_src_RD = y_src_RD.index_copy(0, meta.regroup_R, y_RD)
+        # Back to source-major order: one gather through the inverse permutation.
+        inverse_R = torch.empty_like(meta.regroup_R)
+        inverse_R[meta.regroup_R] = torch.arange(len(inverse_R), device=inverse_R.device)
+        y_src_RD = y_RD[inverse_R]
         y_PD = all_to_all_single_autograd(
             y_src_RD, meta.send_splits, meta.recv_splits, group=self.ep_group
         )
