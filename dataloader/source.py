@@ -150,23 +150,18 @@ def build_source(
 ) -> TokenSource:
     """The source named by `data.source`, positioned at global sample 0."""
     if cfg.source == "corpus":
-        return CorpusSource(
-            cfg,
-            seq_len=seq_len,
-            micro_batch_size=micro_batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-        )
-    if cfg.source == "shards":
+        cls: type = CorpusSource
+    elif cfg.source == "shards":
         from dataloader.reader import ShardSource
 
-        return ShardSource(
-            cfg,
-            seq_len=seq_len,
-            micro_batch_size=micro_batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-        )
-    raise ValueError(f"data.source ({cfg.source!r}) must be 'corpus' or 'shards'")
+        cls = ShardSource
+    else:
+        raise ValueError(f"data.source ({cfg.source!r}) must be 'corpus' or 'shards'")
+    return cls(
+        cfg,
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+    )
