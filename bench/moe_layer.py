@@ -275,9 +275,17 @@ def main() -> None:
     ap.add_argument("--mode", choices=["layer", "a2a", "all"], default="all")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (use 25 for --mode a2a)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: a shared machine's other load makes "
+        "multi-threaded timings swing more than the effect measured)",
+    )
     ap.add_argument("--child-mem", nargs=2, metavar=("CONFIG", "VARIANT"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child_mem:
         peak_memory_child(args.child_mem[0], args.dim, args.tokens, args.child_mem[1])
         return
