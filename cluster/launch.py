@@ -235,7 +235,12 @@ def _restart_counter() -> Any:
             self.starts += 1
             return self.starts - 1
 
-    return RestartCounter.remote()
+    # Pinned to the driver's node: a counter on a worker node would die with that node, and
+    # the restarted group could not count its start.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return RestartCounter.options(scheduling_strategy=here).remote()
 
 
 class TaggedSink:

@@ -108,3 +108,118 @@ def test_named_keys_in_errors(override):
 
 def test_no_torch_state_leaks_from_fuzzing():
     assert torch.get_default_device() == torch.device("cpu")
+
+
+# --- resilience keys, the cluster launcher's config, the `moeyard` subcommands -----------
+
+RESILIENCE_KEYS = st.sampled_from(
+    [
+        "parallel.timeout_s",
+        "train.preempt_grace_s",
+        "train.on_bad_steps",
+        "train.max_rollbacks",
+        "train.max_bad_steps",
+    ]
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(RESILIENCE_KEYS, VALUES), min_size=1, max_size=3))
+def test_resilience_values_load_or_raise_and_are_usable(pairs):
+    """A timeout or grace time that loads is one the process group, the watchdog and the
+    preemption timer accept (no OverflowError from inside datetime or threading)."""
+    import datetime
+
+    from trainer.resilience import CollectiveWatch, Preemption
+
+    try:
+        cfg = load_config("infra/runs/tiny.yaml", [_as_override(k, v) for k, v in pairs])
+    except ConfigError as e:
+        assert str(e)
+        return
+    datetime.timedelta(seconds=cfg.parallel.timeout_s)  # what init_process_group gets
+    int(cfg.parallel.timeout_s)  # what Ray's TorchConfig gets
+    CollectiveWatch(rank=0, world_size=1, timeout_s=cfg.parallel.timeout_s).close()
+    p = Preemption(cfg.train.preempt_grace_s)
+    p._on_signal(15, None)  # starts the grace timer without sending a signal
+    p.uninstall()
+    assert cfg.train.on_bad_steps in ("abort", "rollback") and cfg.train.max_rollbacks >= 0
+
+
+LAUNCH_KEYS = st.one_of(
+    st.sampled_from(
+        [
+            "cluster.num_workers",
+            "cluster.cpus_per_worker",
+            "cluster.use_gpu",
+            "cluster.placement_strategy",
+            "cluster.max_failures",
+            "cluster.ray_address",
+            "cluster.connect_timeout_s",
+            "cluster.start_timeout_s",
+            "cluster.storage_path",
+            "cluster.run_name",
+            "parallel.ep",
+            "parallel.world_size",
+            "parallel.backend",
+            "parallel.timeout_s",
+            "run.output_dir",
+        ]
+    ),
+    st.sampled_from(KEYS),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(LAUNCH_KEYS, VALUES), min_size=1, max_size=4))
+def test_launch_config_loads_or_raises_config_error(pairs):
+    """The launcher's config: ConfigError or a config whose derived settings (resources,
+    failure policy, Ray storage, process-group timeout) come out without a traceback; a
+    storage layout Ray cannot use is the launcher's own LaunchError."""
+    from cluster.config import load_launch_config
+    from cluster.launch import FailurePolicy, LaunchError, RayStorage, worker_resources
+
+    try:
+        cfg = load_launch_config("infra/runs/tiny.yaml", [_as_override(k, v) for k, v in pairs])
+    except ConfigError as e:
+        assert str(e)
+        return
+    res = worker_resources(cfg)
+    assert res["CPU"] > 0
+    FailurePolicy(cfg).describe()
+    assert cfg.backend in ("gloo", "nccl")
+    int(cfg.parallel.timeout_s)
+    try:
+        RayStorage.for_config(cfg)
+    except LaunchError as e:
+        assert "run.output_dir" in str(e)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    name=st.sampled_from(["train", "submit", "report", "export"]),
+    first=st.text(min_size=1, max_size=15),
+    rest=st.lists(st.text(max_size=10), max_size=2),
+)
+def test_moeyard_subcommands_reject_unknown_targets(name, first, rest):
+    """A preset or run directory that does not exist gets exit code 2 and a message, never a
+    traceback (and never a started job)."""
+    import contextlib
+    import io
+    import os
+
+    from hypothesis import assume
+
+    from cluster.cli import main as moeyard
+    from cluster.presets import PresetError, resolve_preset
+
+    assume(not first.startswith("-") and not os.path.exists(first))
+    try:
+        resolve_preset(first)
+        assume(False)  # a real preset name would start a run
+    except PresetError:
+        pass
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert moeyard([name, first, *rest]) == 2
+    assert f"moeyard {name}:" in err.getvalue()

@@ -551,7 +551,7 @@ class Checkpointer:
         # group with the training collectives, and DCP exchanges its plans as CPU objects.
         self.group: dist.ProcessGroup | None = None
         if mesh.world_size > 1:
-            self.group = dist.new_group(backend="gloo")
+            self.group = dist.new_group(backend="gloo", timeout=mesh.timeout)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future[None] | None = None
 

@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A configuration a user can fix; the message names the key and the values."""
 
 
+# The longest timeout or grace time a setting may ask for, in seconds.
+MAX_WAIT_S = 7 * 24 * 3600
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -217,7 +221,11 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require(self.ep >= 1, f"parallel.ep ({self.ep}) must be >= 1")
-        _require(self.timeout_s > 0, f"parallel.timeout_s ({self.timeout_s}) must be > 0")
+        # Bounded: the process group takes it as a timedelta, timers as a platform time_t.
+        _require(
+            0 < self.timeout_s <= MAX_WAIT_S,
+            f"parallel.timeout_s ({self.timeout_s}) must be > 0 and at most {MAX_WAIT_S} (7 days)",
+        )
         _require(self.world_size >= 0, f"parallel.world_size ({self.world_size}) must be >= 0")
         _require(
             self.world_size == 0 or self.world_size % self.ep == 0,
@@ -250,6 +258,14 @@ class TrainConfig:
     loss_guard: bool = True
     spike_factor: float = 0.0
     max_bad_steps: int = 3
+    # On SIGTERM (preemption) the loop finishes its step, saves a checkpoint and stops; this
+    # long at most, else it exits without one (trainer/resilience.py).
+    preempt_grace_s: float = 60.0
+    # What max_bad_steps bad steps in a row do: "abort" stops the run; "rollback" reloads
+    # the newest checkpoint and goes on with the data after the bad steps (the samples in
+    # between are passed over and reported), at most max_rollbacks times in a run.
+    on_bad_steps: Literal["abort", "rollback"] = "abort"
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         _require(
@@ -258,6 +274,14 @@ class TrainConfig:
         )
         _require(
             self.max_bad_steps >= 1, f"train.max_bad_steps ({self.max_bad_steps}) must be >= 1"
+        )
+        _require(
+            self.max_rollbacks >= 0, f"train.max_rollbacks ({self.max_rollbacks}) must be >= 0"
+        )
+        _require(
+            0 < self.preempt_grace_s <= MAX_WAIT_S,
+            f"train.preempt_grace_s ({self.preempt_grace_s}) must be > 0 and at most "
+            f"{MAX_WAIT_S} (7 days)",
         )
         for key in ("steps", "micro_batch_size", "seq_len", "grad_accum"):
             _require(getattr(self, key) >= 1, f"train.{key} ({getattr(self, key)}) must be >= 1")
@@ -400,7 +424,15 @@ def load_config(
                 continue
             try:
                 layers.append(OmegaConf.from_dotlist([item]))
-            except (yaml.YAMLError, OmegaConfBaseException, ValueError) as e:
+            # OmegaConf raises IndexError/KeyError/TypeError on some malformed keys ("[=0").
+            except (
+                yaml.YAMLError,
+                OmegaConfBaseException,
+                ValueError,
+                IndexError,
+                KeyError,
+                TypeError,
+            ) as e:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ConfigError(f"override {item!r} cannot be parsed: {msg}") from None
         merged = OmegaConf.merge(*layers)

@@ -48,7 +48,7 @@ class LossGuard:
             raise TrainingDiverged(
                 f"{self.consecutive} steps in a row were skipped (last at step {step}: {reason}); "
                 "the run stops here. Resume from the last complete checkpoint with a lower "
-                "train.lr, or raise train.max_bad_steps"
+                "train.lr, raise train.max_bad_steps, or set train.on_bad_steps=rollback"
             )
 
     def state_dict(self) -> dict[str, float | int | None]:

@@ -21,18 +21,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dataloader.reader import DataExhausted
 from dataloader.source import TokenSource, build_source
 from ops.prometheus import build_prometheus_sink
 from ops.sinks import JsonlSink, MetricSink, StdoutSink
 from ops.telemetry import Telemetry
+from trainer.accounting import AccountedSource
 from trainer.checkpoint import Checkpointer, CheckpointHook
 from trainer.config import ConfigError, JobConfig, to_yaml
 from trainer.flops import flops_per_token
-from trainer.guard import LossGuard
+from trainer.guard import LossGuard, TrainingDiverged
 from trainer.mesh import Mesh, build_mesh, init_distributed
 from trainer.model import Transformer, build_model, materialize
 from trainer.moe import MoE
 from trainer.parallelize import clip_grad_norm_, parallelize, sync_gradients
+from trainer.resilience import CollectiveWatch, Preemption
 
 
 @dataclass
@@ -47,6 +50,8 @@ class RunState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     source: TokenSource
     guard: LossGuard | None = None
+    preempt: Preemption | None = None  # SIGTERM seen by this rank (run() installs it)
+    watch: CollectiveWatch | None = None  # names a hung collective (run() starts it)
     step: int = 0  # steps completed (a step the loss guard skipped counts, its data is used)
     tokens: int = 0  # global tokens trained on
     extra: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +68,16 @@ class RunSummary:
     output_dir: str
     world_size: int
     ep: int
+    # Exactly-once sample accounting of the final model's lineage (trainer/accounting.py).
+    samples_consumed: int = 0
+    samples_repeated: int = 0
+    samples_skipped: int = 0
+    samples_guard_skipped: int = 0
+    samples_substituted: int = 0
+    samples_policy_skipped: int = 0
+    resumes: int = 0  # checkpoint loads in the final model's lineage
+    accounting: dict[str, Any] = field(default_factory=dict)
+    preempted: bool = False  # stopped early by SIGTERM, after a checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "losses"}
@@ -115,7 +130,9 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
         backend=cfg.parallel.backend, device=device, timeout_s=cfg.parallel.timeout_s
     )
     cfg.check_world(world)
-    mesh = build_mesh(world_size=world, rank=rank, ep=cfg.parallel.ep)
+    mesh = build_mesh(
+        world_size=world, rank=rank, ep=cfg.parallel.ep, timeout_s=cfg.parallel.timeout_s
+    )
     source = build_source(
         cfg.data,
         seq_len=cfg.train.seq_len,
@@ -124,6 +141,8 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
         world_size=world,
         seed=cfg.train.seed,
     )
+    # The ledger of which global samples each step trained on rides in the source's state.
+    source = AccountedSource(source)
     if source.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
@@ -203,6 +222,13 @@ def placement_plan(state: RunState) -> dict[str, Any]:
     }
 
 
+def _phase(state: RunState, name: str) -> contextlib.AbstractContextManager[None]:
+    """Names a phase of the step that holds collectives, for the collective watchdog."""
+    if state.watch is None:
+        return contextlib.nullcontext()
+    return state.watch.phase(name, step=state.step + 1)
+
+
 def train_step(state: RunState) -> dict[str, torch.Tensor]:
     """One optimizer step over grad_accum micro-batches. Returns device tensors (no sync)."""
     cfg, model, device = state.cfg, state.model, state.device
@@ -213,6 +239,8 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         if use_bf16
         else contextlib.nullcontext()
     )
+    acct = state.source if isinstance(state.source, AccountedSource) else None
+    cursor_before = acct.cursor() if acct is not None else 0
     lm_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
     z_sum = torch.zeros((), device=device)
@@ -222,16 +250,19 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         rows = state.source.next_batch().to(device, non_blocking=True)
         wait += time.perf_counter() - t0
         inputs, targets = rows[:, :-1], rows[:, 1:]
-        with autocast:
-            out = model(inputs)
-        lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
-        loss = (lm + out.aux_loss + out.z_loss) / accum
-        loss.backward()
+        with _phase(state, "forward/backward (MoE all-to-all, batch all-reduce)"):
+            with autocast:
+                out = model(inputs)
+            lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+            loss = (lm + out.aux_loss + out.z_loss) / accum
+            loss.backward()
         lm_sum += lm.detach()
         aux_sum += out.aux_loss.detach()
         z_sum += out.z_loss.detach()
-    sync_gradients(model, state.mesh)
-    grad_norm = clip_grad_norm_(model, state.mesh, cfg.train.grad_clip)
+    with _phase(state, "gradient all-reduce (sync_gradients)"):
+        sync_gradients(model, state.mesh)
+    with _phase(state, "gradient-norm all-reduce (clip_grad_norm_)"):
+        grad_norm = clip_grad_norm_(model, state.mesh, cfg.train.grad_clip)
     lr = state.optimizer.param_groups[0]["lr"]
 
     # One all-reduce per step carries the losses and the expert load of every MoE layer.
@@ -242,9 +273,13 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         if moes
         else []
     )
+    # Whether any rank was told to stop (SIGTERM) rides along: all ranks stop together.
+    stop = state.preempt is not None and state.preempt.requested
+    parts.append(torch.tensor([float(stop)], device=device))
     packed = torch.cat([p.reshape(-1) for p in parts])
     if state.mesh.world_size > 1:
-        dist.all_reduce(packed, group=state.mesh.group("world"))
+        with _phase(state, "loss and expert-load all-reduce"):
+            dist.all_reduce(packed, group=state.mesh.group("world"))
     losses = packed[:3] / state.mesh.world_size
 
     skip = None
@@ -272,14 +307,62 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
             m.routed_E.zero_()
             m.dropped.zero_()
         metrics["load_LE"] = load_LE
-        metrics["dropped_L"] = packed[3 + len(moes) * E :]
+        metrics["dropped_L"] = packed[3 + len(moes) * E : -1]
+    metrics["preempt"] = packed[-1] > 0
     metrics["lr"] = torch.tensor(lr)
     metrics["data_wait_s"] = torch.tensor(wait)
     state.step += 1
+    if acct is not None:
+        acct.ledger.record(
+            step=state.step, start=cursor_before, end=acct.cursor(), trained=skip is None
+        )
     state.tokens += cfg.train.seq_len * cfg.train.micro_batch_size * accum * state.mesh.world_size
     if state.guard is not None:
         state.guard.record(skip, step=state.step)
     return metrics
+
+
+def roll_back(state: RunState, ckpt: Checkpointer, why: TrainingDiverged, *, count: int) -> None:
+    """`train.on_bad_steps=rollback`: reloads the newest complete checkpoint, then moves the
+    data back to where the bad steps left it, so the batches that diverged are not trained
+    again; the samples passed over are recorded as such in the sample ledger.
+
+    Raises:
+        TrainingDiverged: more than train.max_rollbacks rollbacks, or no checkpoint.
+    """
+    cfg = state.cfg
+    if count > cfg.train.max_rollbacks:
+        raise TrainingDiverged(
+            f"{why}; already rolled back train.max_rollbacks ({cfg.train.max_rollbacks}) times "
+            "in this run"
+        ) from None
+    assert isinstance(state.source, AccountedSource)
+    data_now = state.source.inner.state_dict()
+    bad_step = state.step
+    ckpt.wait()  # a save in flight may be the newest checkpoint
+    loaded = ckpt.resume(state)
+    if loaded is None:
+        raise TrainingDiverged(
+            f"{why}; train.on_bad_steps=rollback found no complete checkpoint to roll back to "
+            f"in {cfg.run.output_dir} (checkpoint.every={cfg.checkpoint.every}, "
+            f"checkpoint.resume={cfg.checkpoint.resume})"
+        ) from None
+    start = state.source.cursor()
+    state.source.inner.load_state_dict(data_now)
+    state.source.ledger.skip_on_purpose(
+        start=start,
+        end=state.source.cursor(),
+        reason=f"rollback at step {bad_step} to step {loaded}",
+    )
+    if state.guard is not None:
+        state.guard.consecutive = 0
+    if state.mesh.rank == 0:
+        print(
+            f"rollback {count}/{cfg.train.max_rollbacks}: {why} -> back to the checkpoint of "
+            f"step {loaded}; the data goes on from global sample {state.source.cursor()} "
+            f"(samples {start}..{state.source.cursor() - 1} are passed over)",
+            flush=True,
+        )
 
 
 def make_sinks(
@@ -376,12 +459,34 @@ def run(
         * cfg.train.grad_accum
         * state.mesh.world_size
     )
+    state.preempt = Preemption(cfg.train.preempt_grace_s)
+    state.preempt.install(announce=rank == 0)
+    state.watch = CollectiveWatch(
+        rank=rank, world_size=state.mesh.world_size, timeout_s=cfg.parallel.timeout_s
+    )
+    preempted = False
+    rollbacks = 0
     telemetry.start()
     t_start = time.perf_counter()
     t_window, steps_window, wait_window = t_start, 0, 0.0
     try:
         while state.step < cfg.train.steps:
-            m = train_step(state)
+            try:
+                m = train_step(state)
+            except TrainingDiverged as e:
+                if cfg.train.on_bad_steps != "rollback":
+                    raise
+                rollbacks += 1
+                roll_back(state, ckpt, e, count=rollbacks)
+                continue
+            except DataExhausted as e:
+                # data.epochs or data.token_budget reached: every rank hits it at the same
+                # global batch, before any micro-batch of the step was trained.
+                if rank == 0:
+                    print(f"data exhausted after step {state.step}: {e}", flush=True)
+                if cfg.checkpoint.every and ckpt.last_saved != state.step:
+                    ckpt.save(state, last_record)
+                break
             steps_window += 1
             wait_window += float(m["data_wait_s"])  # a host tensor: no device sync
             if state.step % cfg.run.log_every == 0 or state.step == cfg.train.steps:
@@ -422,14 +527,37 @@ def run(
                 t_window, steps_window, wait_window = time.perf_counter(), 0, 0.0
                 last_record = record
             ckpt.maybe_save(state, last_record, final_step=cfg.train.steps)
+            # Ranks stop on the flag they agreed on in the step's all-reduce, never on their
+            # own: a rank signalled after that all-reduce stops one step later, with the rest.
+            # Device-to-host sync (multi-rank only).
+            if bool(m["preempt"]) if state.mesh.world_size > 1 else state.preempt.requested:
+                if ckpt.last_saved != state.step:
+                    ckpt.save(state, last_record)
+                ckpt.wait()  # the checkpoint is complete before the loop stops
+                preempted = True
+                if rank == 0:
+                    print(
+                        f"preempted: stopped after step {state.step} with a complete checkpoint "
+                        f"({state.preempt.elapsed():.1f} s after SIGTERM, "
+                        f"train.preempt_grace_s={cfg.train.preempt_grace_s:g}); rerun the "
+                        "same command to resume",
+                        flush=True,
+                    )
+                break
         ckpt.close()  # waits for a background save; raises its error
     finally:
+        state.preempt.uninstall()
+        state.watch.close()
         ckpt.close(raise_errors=False)
         for s in sinks:
             s.close()
         telemetry.close()
         state.source.close()
     wall = time.perf_counter() - t_start
+    acct_figures: dict[str, Any] = {}
+    if isinstance(state.source, AccountedSource):
+        substituted = int(state.source.metrics().get("data_substituted_rows", 0))
+        acct_figures = state.source.ledger.summary(substituted=substituted)
     summary = RunSummary(
         steps=state.step,
         tokens=state.tokens,
@@ -440,6 +568,15 @@ def run(
         output_dir=out,
         world_size=state.mesh.world_size,
         ep=state.mesh.ep,
+        samples_consumed=acct_figures.get("samples_consumed", 0),
+        samples_repeated=acct_figures.get("samples_repeated", 0),
+        samples_skipped=acct_figures.get("samples_skipped", 0),
+        samples_guard_skipped=acct_figures.get("samples_guard_skipped", 0),
+        samples_substituted=acct_figures.get("samples_substituted", 0),
+        samples_policy_skipped=acct_figures.get("samples_policy_skipped", 0),
+        resumes=acct_figures.get("resumes", 0),
+        accounting=acct_figures,
+        preempted=preempted,
     )
     if rank == 0:
         write_text(f"{out}/summary.json", json.dumps(summary.to_dict(), indent=1))

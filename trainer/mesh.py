@@ -23,6 +23,7 @@ class Mesh:
     world_size: int
     rank: int
     ep: int
+    timeout_s: float | None = None  # collectives on the axis groups fail after this long
     _groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +63,10 @@ class Mesh:
     def size(self, axis: str) -> int:
         return len(self.ranks(axis))
 
+    @property
+    def timeout(self) -> datetime.timedelta | None:
+        return None if self.timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
+
     def build_groups(self) -> None:
         """Creates the axis groups. Every rank calls new_group for every group, in order."""
         if not dist.is_initialized():
@@ -69,12 +74,12 @@ class Mesh:
         self._groups["world"] = dist.group.WORLD
         for d in range(self.dp):
             ranks = [d * self.ep + i for i in range(self.ep)]
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=self.timeout)
             if self.rank in ranks:
                 self._groups["ep"] = g
         for e in range(self.ep):
             ranks = [d * self.ep + e for d in range(self.dp)]
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=self.timeout)
             if self.rank in ranks:
                 self._groups["dp"] = g
 
@@ -94,8 +99,9 @@ def init_distributed(*, backend: str, device: torch.device, timeout_s: float) ->
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_mesh(*, world_size: int, rank: int, ep: int) -> Mesh:
-    """Validates the layout and creates the groups (when distributed)."""
-    mesh = Mesh(world_size=world_size, rank=rank, ep=ep)
+def build_mesh(*, world_size: int, rank: int, ep: int, timeout_s: float | None = None) -> Mesh:
+    """Validates the layout and creates the groups (when distributed), each with the
+    collective timeout `timeout_s` (parallel.timeout_s) rather than the backend default."""
+    mesh = Mesh(world_size=world_size, rank=rank, ep=ep, timeout_s=timeout_s)
     mesh.build_groups()
     return mesh

@@ -1,0 +1,118 @@
+"""A Ray node lost mid-run (cluster/faults.py `remove_node`, a replacement node joining): the
+job started by `cluster.launch` restarts its worker group, resumes from the newest
+checkpoint and finishes with the fault-free run's final loss, every sample trained once.
+
+One mini-cluster for the module: a head and one worker node of 2 CPUs each; the two workers
+are spread one per node, so removing the worker node kills rank 1's node for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.faults import read_placement, remove_node, wait_for
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["data.corpus_max_bytes=300000", "ops.telemetry=false", "ops.stdout=false"]
+STEPS = 12
+NODE = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _steps(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(x)["step"] for x in lines if x), default=0)
+
+
+def _reference(rank: int, world: int, overrides: list[str]) -> float:
+    from trainer.config import load_config
+    from trainer.loop import run
+
+    cfg = load_config(ROOT / "infra/runs/tiny.yaml", overrides, ignore_sections=("cluster",))
+    return run(cfg, local_rank=rank).final_loss
+
+
+def test_lost_node_restarts_and_loses_no_sample(ray_cluster, tmp_path) -> None:
+    from tests.distributed import run_ranks
+
+    common = [f"train.steps={STEPS}", "parallel.ep=1", *FAST]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.launch",
+            "infra/runs/tiny.yaml",
+            *common,
+            "checkpoint.every=3",
+            "checkpoint.async_save=false",
+            f"run.output_dir={out}",
+            "cluster.num_workers=2",
+            "cluster.placement_strategy=STRICT_SPREAD",
+            "cluster.max_failures=1",
+            f"cluster.ray_address={ray_cluster.address}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: _steps(out) >= 4 or proc.poll() is not None, timeout_s=180, what="step 4")
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        head = ray_cluster.head_node.node_id
+        victim = next(
+            w["node_id"] for w in read_placement(str(out))["workers"] if w["node_id"] != head
+        )
+        lost_after = _steps(out)
+        remove_node(ray_cluster, victim)
+        ray_cluster.add_node(**NODE)  # the replacement machine
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-4000:]
+    assert lost_after < STEPS, "the run ended before the node was lost; nothing was tested"
+    assert "restart 1:" in log
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["resumes"] >= 1
+    mb = 4  # tiny preset's micro_batch_size
+    assert summary["samples_consumed"] == STEPS * mb * 2
+    assert summary["samples_repeated"] == 0 and summary["samples_skipped"] == 0
+    plan = read_placement(str(out))
+    assert victim not in {w["node_id"] for w in plan["workers"]}
+
+    ref = run_ranks(_reference, 2, [*common, f"run.output_dir={tmp_path / 'ref'}"])
+    assert summary["final_loss"] == pytest.approx(ref[0], rel=1e-6, abs=1e-6)
+
+
+def test_wait_for_names_what_did_not_happen() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"the impossible did not happen within 0\.2 s"):
+        wait_for(lambda: False, timeout_s=0.2, what="the impossible")
+    assert time.monotonic() - t0 < 5
