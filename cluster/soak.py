@@ -10,8 +10,9 @@ attempt resumes from `run.output_dir`, as a restarted worker would:
   after the newest checkpoint are lost and trained again);
 - `preempt`: SIGTERM to this process; the loop checkpoints and stops within
   `train.preempt_grace_s`;
-- `nan`: the next step's loss is made non-finite; the loss guard skips it (this changes the
-  model, so a soak with `nan` is not expected to match the fault-free loss).
+- `nan`: the next step's loss is made non-finite, through the config hook an operator
+  uses (`faults.nonfinite_loss_steps`, `trainer/fault_hook.py`); the loss guard skips it
+  (this changes the model, so a soak with `nan` is not expected to match the fault-free loss).
 
 The report: faults injected by kind, restarts, samples consumed / repeated / skipped (from the
 sample ledger of the final summary), resident memory of the process over time (the first and
@@ -99,8 +100,8 @@ class _Injector:
     """A metric sink that fires the planned fault when the run logs its step, and samples
     the process's RSS at every logged step."""
 
-    def __init__(self, soak: Soak, at_step: int) -> None:
-        self.soak = soak
+    def __init__(self, soak: Soak, at_step: int, cfg: JobConfig) -> None:
+        self.soak, self.cfg = soak, cfg
         self.at_step, self.kind = at_step, soak.rng.choice(soak.kinds)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -116,7 +117,9 @@ class _Injector:
         if kind == "preempt":
             os.kill(os.getpid(), signal.SIGTERM)
         elif kind == "nan":
-            self.soak.poison_next = True
+            # The loop reads faults.* at every step: adding the next step to the running
+            # config injects it there, as a preset listing it would.
+            self.cfg.faults.nonfinite_loss_steps.append(step + 1)
 
     def close(self) -> None:
         pass
@@ -139,7 +142,6 @@ class Soak:
         self.rng = random.Random(seed)
         self.faults: dict[str, int] = {}
         self.rss: list[tuple[float, int]] = []
-        self.poison_next = False
         self.t0 = time.monotonic()
 
     def gap(self) -> int:
@@ -152,41 +154,26 @@ class Soak:
         )
 
     def run(self, out: str, reference_out: str) -> SoakReport:
-        import torch
-
         import trainer.loop as loop
 
-        real_ce = loop.F.cross_entropy
-
-        def maybe_poisoned(*args: Any, **kwargs: Any) -> Any:
-            out = real_ce(*args, **kwargs)
-            if self.poison_next:
-                self.poison_next = False
-                return out * torch.nan
-            return out
-
-        loop.F.cross_entropy = maybe_poisoned  # type: ignore[assignment]
         steps = self.cfg.train.steps
         every = max(1, self.cfg.checkpoint.every)
         restarts = 0
         done_at, stuck = 0, False
         summary = None
-        try:
-            while summary is None or summary.steps < steps:
-                # After a crash that lost every step since the newest checkpoint, give the
-                # next attempt room to reach another one, so the soak always progresses.
-                at = done_at + self.gap() + (every if stuck else 0)
-                cfg = self._config(out)
-                try:
-                    summary = loop.run(cfg, sinks=[_Injector(self, at), *loop.make_sinks(cfg, 0)])
-                except InjectedCrash:
-                    summary = None
-                if summary is None or summary.steps < steps:
-                    restarts += 1
-                newest = self._progress(out)
-                stuck, done_at = newest == done_at, newest
-        finally:
-            loop.F.cross_entropy = real_ce  # type: ignore[assignment]
+        while summary is None or summary.steps < steps:
+            # After a crash that lost every step since the newest checkpoint, give the
+            # next attempt room to reach another one, so the soak always progresses.
+            at = done_at + self.gap() + (every if stuck else 0)
+            cfg = self._config(out)
+            try:
+                summary = loop.run(cfg, sinks=[_Injector(self, at, cfg), *loop.make_sinks(cfg, 0)])
+            except InjectedCrash:
+                summary = None
+            if summary is None or summary.steps < steps:
+                restarts += 1
+            newest = self._progress(out)
+            stuck, done_at = newest == done_at, newest
         wall = time.monotonic() - self.t0
         # The faulty part's figures are kept before the (as long) fault-free run starts, so
         # a soak cut short there still leaves them.

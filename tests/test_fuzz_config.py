@@ -223,3 +223,45 @@ def test_moeyard_subcommands_reject_unknown_targets(name, first, rest):
     with contextlib.redirect_stderr(err):
         assert moeyard([name, first, *rest]) == 2
     assert f"moeyard {name}:" in err.getvalue()
+
+
+# --- faults.* (the loss-guard rehearsal hook) -------------------------------------------------
+
+STEP_LISTS = st.lists(st.integers(min_value=-3, max_value=55), max_size=4).map(
+    lambda xs: "[" + ",".join(map(str, xs)) + "]"
+)
+FAULT_PAIRS = st.one_of(
+    st.tuples(st.sampled_from(["faults.nonfinite_loss_steps", "faults.loss_spike_steps"]), VALUES),
+    st.tuples(
+        st.sampled_from(["faults.nonfinite_loss_steps", "faults.loss_spike_steps"]), STEP_LISTS
+    ),
+    st.tuples(st.just("faults.loss_spike_factor"), VALUES),
+    st.tuples(st.just("train.steps"), st.integers(min_value=-2, max_value=60)),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(FAULT_PAIRS, min_size=1, max_size=4))
+def test_fault_values_load_or_raise_and_inject_exactly_the_listed_steps(pairs):
+    """A `faults.*` config that loads names steps in 1..train.steps, one fault per step, and
+    the loop's hook injects exactly those steps, once each."""
+    import math
+
+    from trainer.fault_hook import LossFaults
+
+    try:
+        cfg = load_config("infra/runs/tiny.yaml", [_as_override(k, v) for k, v in pairs])
+    except ConfigError as e:
+        assert str(e)
+        return
+    f = cfg.faults
+    assert all(1 <= s <= cfg.train.steps for s in f.steps)
+    assert len(set(f.steps)) == len(f.steps)
+    assert math.isfinite(f.loss_spike_factor) and f.loss_spike_factor > 1
+    # Not resuming, not rank 0: no record is read or written.
+    hook = LossFaults(f, output_dir="unused", rank=1, resume=False)
+    got = {s: hook.take(s) for s in range(1, cfg.train.steps + 1)}
+    assert {s for s, x in got.items() if x is not None} == set(f.steps)
+    assert all(math.isnan(got[s]) for s in f.nonfinite_loss_steps)
+    assert all(got[s] == f.loss_spike_factor for s in f.loss_spike_steps)
+    assert all(hook.take(s) is None for s in f.steps)  # first pass only

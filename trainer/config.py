@@ -12,6 +12,7 @@ root with its own section by subclassing `JobConfig`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -317,6 +318,48 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Faults injected on purpose at chosen steps, to rehearse the loss guard
+    (`trainer/fault_hook.py`, runbooks/loss-spike-or-nan.md). Off when the lists are empty.
+
+    Each listed step (1-based, as logged) is injected on its first pass only: a step trained
+    again after a loss-guard rollback or a restart of the same run is left alone (the run
+    records the injected steps in `run.output_dir`), so a rehearsal ends instead of
+    diverging forever.
+    """
+
+    # The step's loss is multiplied by NaN on every rank (its gradients follow).
+    nonfinite_loss_steps: list[int] = field(default_factory=list)
+    # The step's loss is multiplied by loss_spike_factor on every rank.
+    loss_spike_steps: list[int] = field(default_factory=list)
+    loss_spike_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        seen: dict[int, str] = {}
+        for key in ("nonfinite_loss_steps", "loss_spike_steps"):
+            for step in getattr(self, key):
+                _require(
+                    step >= 1,
+                    f"faults.{key} ({getattr(self, key)}) holds {step}: steps count from 1",
+                )
+                _require(
+                    step not in seen,
+                    f"faults.{key} ({getattr(self, key)}) holds step {step}, which is already "
+                    f"in faults.{seen.get(step)}: one fault per step",
+                )
+                seen[step] = key
+        _require(
+            math.isfinite(self.loss_spike_factor) and self.loss_spike_factor > 1,
+            f"faults.loss_spike_factor ({self.loss_spike_factor}) must be a finite number > 1",
+        )
+
+    @property
+    def steps(self) -> list[int]:
+        """Every step with a fault, sorted."""
+        return sorted([*self.nonfinite_loss_steps, *self.loss_spike_steps])
+
+
+@dataclass
 class RunConfig:
     name: str = "moeyard"
     output_dir: str = "runs/moeyard"  # any fsspec URL: s3://..., file://..., a local path
@@ -336,6 +379,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -347,6 +391,13 @@ class JobConfig:
             f"model.moe.num_experts ({self.model.moe.num_experts}) must be divisible by "
             f"parallel.ep ({self.parallel.ep})",
         )
+        for key in ("nonfinite_loss_steps", "loss_spike_steps"):
+            late = [s for s in getattr(self.faults, key) if s > self.train.steps]
+            _require(
+                not late,
+                f"faults.{key} holds step(s) {late} beyond train.steps ({self.train.steps}): "
+                "such a fault would never be injected",
+            )
 
     def check_world(self, world_size: int) -> int:
         """Validates the layout against a world size and returns the data-parallel degree.
@@ -435,7 +486,12 @@ def load_config(
             ) as e:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ConfigError(f"override {item!r} cannot be parsed: {msg}") from None
-        merged = OmegaConf.merge(*layers)
+        try:
+            merged = OmegaConf.merge(*layers)
+        except TypeError:
+            # A mapping where the schema has a list (faults.*_steps={a: 1}), or the reverse:
+            # OmegaConf says only "incompatible container types"; name the layer that has it.
+            raise ConfigError(_shape_error(layers, where, overrides)) from None
         obj = OmegaConf.to_object(merged)
     except ConfigError:
         raise
@@ -447,6 +503,30 @@ def load_config(
         raise ConfigError(f"{where}: {e}") from None
     assert isinstance(obj, schema)
     return obj
+
+
+def _shape_error(layers: list[Any], where: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """Names the first layer (the file, or an override) whose merge fails on a container of
+    the wrong kind."""
+    merged = layers[0]
+    for layer in layers[1:]:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except TypeError:
+            item = next((o for o in overrides if _parses_to(o, layer)), None)
+            what = f"override {item!r}" if item is not None else where
+            return (
+                f"{what}: a value has the wrong shape for its key (a mapping where a list is "
+                "expected, or the reverse)"
+            )
+    return f"{where}: a value has the wrong shape for its key"
+
+
+def _parses_to(item: str, layer: Any) -> bool:
+    try:
+        return bool(OmegaConf.from_dotlist([item]) == layer)
+    except Exception:  # an override the loader skipped (another entrypoint's section)
+        return False
 
 
 def to_yaml(cfg: Any) -> str:

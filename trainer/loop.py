@@ -29,6 +29,7 @@ from ops.telemetry import Telemetry
 from trainer.accounting import AccountedSource
 from trainer.checkpoint import Checkpointer, CheckpointHook
 from trainer.config import ConfigError, JobConfig, to_yaml
+from trainer.fault_hook import LossFaults
 from trainer.flops import flops_per_token
 from trainer.guard import LossGuard, TrainingDiverged
 from trainer.mesh import Mesh, build_mesh, init_distributed
@@ -52,6 +53,7 @@ class RunState:
     guard: LossGuard | None = None
     preempt: Preemption | None = None  # SIGTERM seen by this rank (run() installs it)
     watch: CollectiveWatch | None = None  # names a hung collective (run() starts it)
+    faults: LossFaults | None = None  # faults.* injections (trainer/fault_hook.py)
     step: int = 0  # steps completed (a step the loss guard skipped counts, its data is used)
     tokens: int = 0  # global tokens trained on
     extra: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +80,7 @@ class RunSummary:
     resumes: int = 0  # checkpoint loads in the final model's lineage
     accounting: dict[str, Any] = field(default_factory=dict)
     preempted: bool = False  # stopped early by SIGTERM, after a checkpoint
+    faults_injected: int = 0  # faults.* injections in this run, restarts included
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "losses"}
@@ -158,7 +161,10 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
         if cfg.train.loss_guard
         else None
     )
-    return RunState(cfg, mesh, device, model, optimizer, scheduler, source, guard)
+    faults = LossFaults(
+        cfg.faults, output_dir=cfg.run.output_dir, rank=rank, resume=cfg.checkpoint.resume
+    )
+    return RunState(cfg, mesh, device, model, optimizer, scheduler, source, guard, faults=faults)
 
 
 def expert_load_stats(load_LE: torch.Tensor, dropped_L: torch.Tensor) -> list[dict[str, Any]]:
@@ -245,6 +251,8 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     aux_sum = torch.zeros((), device=device)
     z_sum = torch.zeros((), device=device)
     wait = 0.0
+    # A loss fault the config asks for at this step (first pass only), or None.
+    fault = state.faults.take(state.step + 1) if state.faults is not None else None
     for _ in range(accum):
         t0 = time.perf_counter()
         rows = state.source.next_batch().to(device, non_blocking=True)
@@ -254,6 +262,8 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
             with autocast:
                 out = model(inputs)
             lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+            if fault is not None:
+                lm = lm * fault  # before backward: the gradients follow, as in a real one
             loss = (lm + out.aux_loss + out.z_loss) / accum
             loss.backward()
         lm_sum += lm.detach()
@@ -317,6 +327,8 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
             step=state.step, start=cursor_before, end=acct.cursor(), trained=skip is None
         )
     state.tokens += cfg.train.seq_len * cfg.train.micro_batch_size * accum * state.mesh.world_size
+    if fault is not None:
+        state.faults.save()  # after the all-reduce above: every rank has read the record
     if state.guard is not None:
         state.guard.record(skip, step=state.step)
     return metrics
@@ -511,6 +523,8 @@ def run(
                 if state.guard is not None:
                     record["skipped_steps"] = state.guard.skipped
                     record["step_skipped"] = bool(m["skipped"])
+                if state.faults is not None and state.faults.active:
+                    record["faults_injected"] = state.faults.count
                 record.update(state.source.metrics())
                 if "load_LE" in m:
                     record["moe"] = expert_load_stats(m["load_LE"].cpu(), m["dropped_L"].cpu())
@@ -577,6 +591,7 @@ def run(
         resumes=acct_figures.get("resumes", 0),
         accounting=acct_figures,
         preempted=preempted,
+        faults_injected=state.faults.count if state.faults is not None else 0,
     )
     if rank == 0:
         write_text(f"{out}/summary.json", json.dumps(summary.to_dict(), indent=1))
