@@ -17,6 +17,17 @@ from trainer.config import ConfigError, JobConfig, load_config
 @dataclass
 class ClusterConfig:
     num_workers: int = 2  # training workers (Ray actors); the world size
+    # Elastic continuation (cluster/elastic.py): with 0 < min_workers < num_workers, a run
+    # that loses workers and gets no replacement goes on from its newest checkpoint with
+    # fewer data-parallel replicas, down to min_workers, keeping parallel.ep and the global
+    # batch (grad_accum rises). 0: the run needs num_workers, always.
+    min_workers: int = 0
+    # keep: only sizes at which grad_accum can make up the full global batch. shrink: every
+    # multiple of parallel.ep; the global batch shrinks with the replicas.
+    elastic_batch: Literal["keep", "shrink"] = "keep"
+    # How often a running elastic group looks for room to grow back to a larger usable size.
+    # Growing restarts the group from the newest checkpoint.
+    resize_check_s: float = 600.0
     use_gpu: bool = False  # one GPU per worker; NCCL. Off: CPU workers and gloo
     cpus_per_worker: float = 1.0
     # Ray placement group strategy. PACK fills a node before the next one, which keeps an
@@ -44,7 +55,12 @@ class ClusterConfig:
             raise ConfigError(
                 f"cluster.max_failures ({self.max_failures}) must be -1 (unlimited) or >= 0"
             )
-        for key in ("connect_timeout_s", "start_timeout_s"):
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(
+                f"cluster.min_workers ({self.min_workers}) must be between 0 (fixed size) and "
+                f"cluster.num_workers ({self.num_workers})"
+            )
+        for key in ("connect_timeout_s", "start_timeout_s", "resize_check_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"cluster.{key} ({getattr(self, key)}) must be > 0")
         if "/" in self.run_name:
@@ -63,6 +79,33 @@ class LaunchConfig(JobConfig):
                 f"cluster.num_workers ({c.num_workers}) must be divisible by parallel.ep "
                 f"({self.parallel.ep})"
             )
+        if 0 < c.min_workers < c.num_workers:
+            from cluster.elastic import counts_for
+
+            if len(counts_for(self)) == 1:
+                keeps = (
+                    f" whose data-parallel degree divides the "
+                    f"{c.num_workers // self.parallel.ep * self.train.grad_accum} micro-batches "
+                    "of a full step (num_workers/ep x train.grad_accum; cluster.elastic_batch="
+                    "shrink drops this condition)"
+                    if c.elastic_batch == "keep"
+                    else ""
+                )
+                raise ConfigError(
+                    f"cluster.min_workers ({c.min_workers}) allows no smaller size: between it "
+                    f"and cluster.num_workers ({c.num_workers}) no worker count is a multiple "
+                    f"of parallel.ep ({self.parallel.ep}){keeps}"
+                )
+            if c.max_failures == 0:
+                raise ConfigError(
+                    f"cluster.min_workers ({c.min_workers}) continues a run after a failure, "
+                    "which needs restarts: set cluster.max_failures to -1 (unlimited) or >= 1"
+                )
+            if self.parallel.world_size:
+                raise ConfigError(
+                    f"parallel.world_size ({self.parallel.world_size}) pins the size; an "
+                    f"elastic run (cluster.min_workers={c.min_workers}) needs it at 0"
+                )
         if self.parallel.world_size and self.parallel.world_size != c.num_workers:
             raise ConfigError(
                 f"parallel.world_size ({self.parallel.world_size}) does not match "

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.config import LaunchConfig, load_launch_config
+from cluster.elastic import counts_for
+from cluster.elastic import describe as elastic_describe
 from cluster.placement import PlacementPlan, WorkerInfo
 from trainer.config import ConfigError
 
@@ -284,16 +286,35 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train import CheckpointUploadMode
 
+    from cluster.elastic import at_size
     from trainer.loop import device_identity, make_sinks, run
 
-    cfg: LaunchConfig = config["cfg"]
+    full: LaunchConfig = config["cfg"]
     ctx = ray.train.get_context()
     rank, local_rank = ctx.get_world_rank(), ctx.get_local_rank()
+    world = ctx.get_world_size()
+    cfg = at_size(full, world)  # fewer replicas: more micro-steps, the same global batch
     restarts = ray.get(config["counter"].start.remote()) if rank == 0 else 0
     if rank == 0 and restarts:
         print(
-            f"restart {restarts}: a worker failed; the new worker group resumes from the newest "
-            f"complete checkpoint in {cfg.run.output_dir} (step 0 if there is none)",
+            f"restart {restarts}: the worker group was restarted (a worker failed, or the "
+            f"group was resized) with {world} workers; it resumes from the newest complete "
+            f"checkpoint in {cfg.run.output_dir} (step 0 if there is none)",
+            flush=True,
+        )
+    if rank == 0 and world != full.cluster.num_workers:
+        rows = cfg.train.micro_batch_size * cfg.train.grad_accum
+        how = (
+            f"train.grad_accum {full.train.grad_accum} -> {cfg.train.grad_accum} keeps the "
+            f"global batch at {rows * world} rows"
+            if full.cluster.elastic_batch == "keep"
+            else f"the global batch shrinks to {rows * world} of "
+            f"{rows * full.cluster.num_workers} rows (cluster.elastic_batch=shrink)"
+        )
+        print(
+            f"elastic: {world} of {full.cluster.num_workers} workers "
+            f"({world // cfg.parallel.ep} data-parallel replicas of parallel.ep="
+            f"{cfg.parallel.ep}); {how}",
             flush=True,
         )
     use_gpu = cfg.cluster.use_gpu
@@ -312,7 +333,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     gpu_uuid = device_identity(torch.device("cuda", local_rank))[0] if use_gpu else None
     sinks = [
-        TaggedSink(s, {"restarts": restarts})
+        TaggedSink(s, {"restarts": restarts, "workers": world})
         for s in make_sinks(cfg, rank, local_rank=local_rank, gpu_uuid=gpu_uuid)
     ]
     storage = ctx.get_storage()
@@ -352,6 +373,26 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     )
 
 
+def make_trainer(elastic_cfg: LaunchConfig | None, *args: Any, **kwargs: Any) -> Any:
+    """A Ray Train `TorchTrainer`; for an elastic run (`elastic_cfg`), one whose scaling
+    policy starts only worker counts the run can use (cluster/elastic.py)."""
+    from ray.train.torch import TorchTrainer
+
+    if elastic_cfg is None:
+        return TorchTrainer(*args, **kwargs)
+
+    from cluster.elastic import scaling_policy
+
+    class ElasticTrainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kw: Any) -> Any:
+            # Ray Train builds its own elastic policy from the ScalingConfig; this one
+            # differs only in rounding the worker count down to a usable size.
+            kw["scaling_policy"] = scaling_policy(elastic_cfg, self.scaling_config)
+            return super()._initialize_and_run_controller(**kw)
+
+    return ElasticTrainer(*args, **kwargs)
+
+
 class JobController:
     """The driver side of a job: connect, check room, build the trainer, run, summarize."""
 
@@ -363,6 +404,7 @@ class JobController:
             cfg.ops.prometheus = "ray"  # Ray's metrics agent exports; nothing to configure
         self.cfg = cfg
         self.policy = FailurePolicy(cfg)
+        self.sizes = counts_for(cfg)
         self.storage = RayStorage.for_config(cfg)
 
     def connect(self) -> str:
@@ -397,14 +439,19 @@ class JobController:
         while True:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             room = worker_capacity(nodes, per_worker, c.placement_strategy)
-            if room >= c.num_workers:
+            if room >= self.sizes[-1]:  # the smallest usable size; Ray Train takes the largest
                 return
             have = ", ".join(
                 f"node {i}: " + " ".join(f"{k}={res.get(k, 0):g}" for k in per_worker)
                 for i, res in enumerate(nodes)
             )
+            need = (
+                f"cluster.num_workers ({c.num_workers})"
+                if len(self.sizes) == 1
+                else f"at least {self.sizes[-1]} (cluster.min_workers={c.min_workers})"
+            )
             msg = (
-                f"cluster.num_workers ({c.num_workers}) workers of {per_worker} "
+                f"{need} workers of {per_worker} "
                 f"({c.placement_strategy}) do not fit: the cluster has room for {room} "
                 f"({have or 'no nodes'})"
             )
@@ -423,7 +470,7 @@ class JobController:
 
     def trainer(self) -> Any:
         import ray.train
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train.torch import TorchConfig
 
         cfg, c = self.cfg, self.cfg.cluster
         # Ray Train's own wait for the worker group's placement group; it reads this from the
@@ -439,7 +486,9 @@ class JobController:
         elif storage_fs is not None:
             # With its own filesystem Ray Train takes the path without the scheme.
             storage_path = storage_path.split("://", 1)[1]
-        return TorchTrainer(
+        elastic = len(self.sizes) > 1
+        return make_trainer(
+            cfg if elastic else None,
             train_fn_per_worker,
             train_loop_config={
                 "cfg": cfg,
@@ -448,7 +497,8 @@ class JobController:
             },
             torch_config=TorchConfig(backend=cfg.backend, timeout_s=int(cfg.parallel.timeout_s)),
             scaling_config=ray.train.ScalingConfig(
-                num_workers=c.num_workers,
+                num_workers=(self.sizes[-1], c.num_workers) if elastic else c.num_workers,
+                elastic_resize_monitor_interval_s=c.resize_check_s,
                 use_gpu=c.use_gpu,
                 resources_per_worker=worker_resources(cfg),
                 placement_strategy=c.placement_strategy,
@@ -474,7 +524,7 @@ class JobController:
             f"moeyard: {c.num_workers} workers ({'GPU' if c.use_gpu else 'CPU'}, "
             f"{cfg.backend}, {c.placement_strategy}) on the Ray cluster at {address}; "
             f"run {self.storage.name!r}, outputs in {cfg.run.output_dir}; "
-            f"{self.policy.describe()}",
+            f"{self.policy.describe()}; {elastic_describe(cfg)}",
             flush=True,
         )
         if not self.storage.registers_checkpoints:

@@ -1,0 +1,128 @@
+"""Elastic continuation without a cluster: which worker counts a run may use, the grad_accum
+that keeps its global batch, the config errors, and the scaling policy's rounding."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import load_launch_config
+from cluster.elastic import at_size, counts_for, grad_accum_at, scaling_policy, worker_counts
+from trainer.config import ConfigError
+
+TINY = "infra/runs/tiny.yaml"
+
+
+def _cfg(*overrides: str):
+    return load_launch_config(TINY, ["cluster.max_failures=2", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("n", "lo", "ep", "accum", "keep", "want"),
+    [
+        (8, 0, 2, 1, True, [8]),  # not elastic
+        (8, 8, 2, 1, True, [8]),
+        (8, 2, 2, 1, True, [8, 4, 2]),  # 6 workers: DP 3 does not divide 4 micro-batches
+        (8, 2, 2, 3, True, [8, 6, 4, 2]),  # 12 micro-batches: DP 3 can keep them
+        (12, 1, 2, 1, True, [12, 6, 4, 2]),  # 10 (DP 5) and 8 (DP 4) cannot keep 6
+        (12, 1, 2, 1, False, [12, 10, 8, 6, 4, 2]),
+        (64, 32, 8, 1, True, [64, 32]),
+        (64, 32, 8, 1, False, [64, 56, 48, 40, 32]),
+        (6, 4, 3, 1, True, [6]),  # 4 and 5 are not multiples of ep=3
+    ],
+)
+def test_worker_counts(n, lo, ep, accum, keep, want) -> None:
+    got = worker_counts(num_workers=n, min_workers=lo, ep=ep, grad_accum=accum, keep_batch=keep)
+    assert got == want
+    assert all(c % ep == 0 for c in got)
+
+
+def test_grad_accum_keeps_the_global_batch() -> None:
+    cfg = _cfg("cluster.num_workers=8", "cluster.min_workers=2", "train.grad_accum=3")
+    mb = cfg.train.micro_batch_size
+    full = mb * 3 * 8
+    for n in counts_for(cfg):
+        assert mb * grad_accum_at(cfg, n) * n == full
+    scaled = at_size(cfg, 2)
+    assert scaled.train.grad_accum == 12 and cfg.train.grad_accum == 3  # a copy
+    assert at_size(cfg, 8) is cfg
+    assert grad_accum_at(cfg, 6) == 4
+    one = _cfg("cluster.num_workers=8", "cluster.min_workers=2")
+    with pytest.raises(ValueError, match=r"6 workers is not a usable size .* \[8, 4, 2\]"):
+        grad_accum_at(one, 6)
+
+
+def test_shrink_keeps_grad_accum() -> None:
+    cfg = _cfg("cluster.num_workers=8", "cluster.min_workers=2", "cluster.elastic_batch=shrink")
+    assert counts_for(cfg) == [8, 6, 4, 2]
+    assert at_size(cfg, 6).train.grad_accum == cfg.train.grad_accum
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            ["cluster.num_workers=4", "cluster.min_workers=3"],
+            r"cluster.min_workers \(3\) allows no smaller size",
+        ),
+        (["cluster.num_workers=6", "cluster.min_workers=4"], r"divides the 3 micro-batches"),
+        (
+            ["cluster.num_workers=4", "cluster.min_workers=5"],
+            r"cluster.min_workers \(5\) must be between 0",
+        ),
+        (["cluster.num_workers=4", "cluster.min_workers=-1"], r"cluster.min_workers \(-1\)"),
+        (
+            ["cluster.num_workers=4", "cluster.min_workers=2", "cluster.max_failures=0"],
+            r"needs restarts: set cluster.max_failures",
+        ),
+        (
+            ["cluster.num_workers=4", "cluster.min_workers=2", "parallel.world_size=4"],
+            r"parallel.world_size \(4\) pins the size",
+        ),
+        (["cluster.resize_check_s=0"], r"cluster.resize_check_s \(0"),
+        (["cluster.elastic_batch=grow"], r"cluster.elastic_batch"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _cfg(*overrides)
+
+
+def test_policy_rounds_down_to_a_usable_size(monkeypatch) -> None:
+    import ray.train
+
+    cfg = _cfg("cluster.num_workers=8", "cluster.min_workers=2")
+    sc = ray.train.ScalingConfig(num_workers=(2, 8), resources_per_worker={"CPU": 1.0})
+    policy = scaling_policy(cfg, sc)
+    alive = [{"CPU": 64.0}]  # what ray.nodes() says is alive now
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in alive])
+
+    def room(*cpus: float) -> int:
+        nodes = {f"node{i}": {"CPU": c} for i, c in enumerate(cpus)}
+        return policy._count_possible_workers(nodes)
+
+    assert room(4, 4) == 8
+    assert room(4, 3) == 4  # 7 workers fit; DP 3.5 is not a layout, DP 3 cannot keep 4
+    assert room(4, 1) == 4
+    assert room(2, 1) == 2
+    assert room(1) == 0  # below the smallest size: Ray Train waits
+    assert room(16, 16) == 8  # never more than num_workers
+    # Reservations still count a node that has just died; the live nodes cap the room.
+    alive[:] = [{"CPU": 4.0}, {"CPU": 4.0, "GPU": 0.0}]
+    assert room(4, 4, 4) == 8
+    alive[:] = [{"CPU": 4.0}]
+    assert room(4, 4) == 4
+    alive[:] = []
+    assert room(4, 4) == 0
+
+
+def test_raylet_probe_tells_a_dead_node_from_a_live_one() -> None:
+    import socket
+
+    from cluster.elastic import raylet_answers
+
+    with socket.create_server(("127.0.0.1", 0)) as live:
+        port = live.getsockname()[1]
+        assert raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})
+    # The same port, now closed: connection refused, as from a node whose raylet died.
+    assert not raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})
+    assert raylet_answers({})  # nothing to probe: the node table is trusted
