@@ -159,6 +159,10 @@ LAUNCH_KEYS = st.one_of(
             "cluster.start_timeout_s",
             "cluster.storage_path",
             "cluster.run_name",
+            "cluster.min_workers",
+            "cluster.elastic_batch",
+            "cluster.resize_check_s",
+            "train.grad_accum",
             "parallel.ep",
             "parallel.world_size",
             "parallel.backend",
@@ -193,6 +197,17 @@ def test_launch_config_loads_or_raises_config_error(pairs):
         RayStorage.for_config(cfg)
     except LaunchError as e:
         assert "run.output_dir" in str(e)
+    # Every size an elastic run may use is a layout: EP divides it, and (elastic_batch=keep)
+    # its grad_accum makes up the full global batch.
+    from cluster.elastic import at_size, counts_for, describe
+
+    describe(cfg)
+    full = cfg.cluster.num_workers * cfg.train.grad_accum
+    for n in counts_for(cfg):
+        assert n % cfg.parallel.ep == 0 and n >= max(cfg.cluster.min_workers, 1)
+        accum = at_size(cfg, n).train.grad_accum
+        if cfg.cluster.elastic_batch == "keep":
+            assert n * accum == full
 
 
 @settings(max_examples=100, deadline=None)
