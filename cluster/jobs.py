@@ -6,11 +6,16 @@
 
 `submit` validates the config here, then calls the real `ray job submit` with the project
 directory as the working dir and `python -m cluster.launch CONFIG ...` as the entrypoint. The
-AWS settings of this shell (endpoint, credentials, region) go to every process of the job as
-runtime-environment `env_vars`, written to a private temporary file for the CLI to read, never
-to the working directory, the command line or the output. `status` reads the job's state from
-the Ray job server and the progress from `metrics.jsonl` in the run's output dir (recorded in
-the job's metadata at submit time).
+non-secret S3 settings of this shell (endpoint, region) go to every process of the job as
+runtime-environment `env_vars`, written to a private temporary file for the CLI to read.
+Credentials never do: Ray writes a job's runtime env into its runtime-env agent's log and
+serves it from its job and state APIs (`ray job list`, `ray list tasks --detail`), so the job
+uses the nodes' own credentials instead (the environment `ray start` was given, which the
+job's driver and Ray's workers inherit on that node; the instance profile; the Kubernetes
+secret `moeyard-s3`). `submit` names the credentials of this shell it held back, and refuses
+extra runtime-env variables (`--runtime-env-json`) that look like secrets. `status` reads
+the job's state from the Ray job server and the progress from `metrics.jsonl` in the run's
+output dir (recorded in the job's metadata at submit time).
 
 The job server's address: `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else
 http://127.0.0.1:8265 (the dashboard of a local `ray start --head`).
@@ -19,6 +24,7 @@ http://127.0.0.1:8265 (the dashboard of a local `ray start --head`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -37,16 +43,29 @@ from trainer.config import ConfigError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Environment variables a job needs to reach object storage; passed on when set here.
+# Where the job finds object storage: passed on when set here. Not one of them is a secret.
 AWS_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
 )
+# Credentials this shell may hold that are never passed on: Ray shows a runtime env verbatim
+# (its runtime-env agent's log, /api/jobs/, the state API). The job reads the nodes' own.
+HELD_BACK_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+)
+# Where the job's processes get their credentials instead; said when keys are held back.
+NODE_CREDENTIALS = (
+    "the nodes' own: the environment `ray start` was run with, an instance profile, "
+    "or the Kubernetes secret moeyard-s3"
+)
+# A variable name with one of these words (split at "_") holds a secret.
+_SECRET_WORDS = {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS"}
+_SECRET_PAIRS = {("ACCESS", "KEY"), ("API", "KEY"), ("PRIVATE", "KEY"), ("AUTH", "KEY")}
 # Never uploaded with the working dir: environments, outputs, caches. Gitignore syntax: a
 # leading "/" anchors at the project root (infra/runs/ must travel, ./runs/ must not).
 EXCLUDES = [
@@ -94,9 +113,74 @@ def job_server_address(address: str | None) -> str:
 
 
 def job_env(environ: dict[str, str] | os._Environ[str] | None = None) -> dict[str, str]:
-    """The storage settings of this shell that the job's processes need."""
+    """The non-secret storage settings of this shell that the job's processes need."""
     env = os.environ if environ is None else environ
     return {k: env[k] for k in AWS_ENV if env.get(k)}
+
+
+def held_back(environ: dict[str, str] | os._Environ[str] | None = None) -> list[str]:
+    """The names of the credentials set in this shell that the job does not get."""
+    env = os.environ if environ is None else environ
+    return [k for k in HELD_BACK_ENV if env.get(k)]
+
+
+def held_back_notice(names: list[str]) -> str:
+    """One line naming the held-back credentials (never their values), and why."""
+    return (
+        f"moeyard submit: not passing {', '.join(names)} from this shell to the job: Ray logs "
+        "a job's runtime-env variables and shows them in `ray job list`; the job uses "
+        f"{NODE_CREDENTIALS}"
+    )
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable's name says it holds a secret (`HF_TOKEN`,
+    `AWS_SECRET_ACCESS_KEY`, `WANDB_API_KEY`; not `TOKENIZERS_PARALLELISM`)."""
+    words = name.upper().split("_")
+    return bool(_SECRET_WORDS.intersection(words)) or any(
+        pair in _SECRET_PAIRS for pair in itertools.pairwise(words)
+    )
+
+
+def extra_env_vars(runtime_env_json: str | None) -> dict[str, str]:
+    """The operator's own runtime-env variables (`--runtime-env-json '{"env_vars": {...}}'`).
+
+    Raises:
+        JobsError: not a JSON object holding only `env_vars` of strings, or a variable whose
+            name looks like a secret (Ray would log it and serve it from its APIs).
+    """
+    if runtime_env_json is None:
+        return {}
+    try:
+        extra = json.loads(runtime_env_json)
+    except json.JSONDecodeError as e:
+        raise JobsError(f"--runtime-env-json is not JSON: {e}") from None
+    if not isinstance(extra, dict) or set(extra) - {"env_vars"}:
+        keys = sorted(extra) if isinstance(extra, dict) else type(extra).__name__
+        raise JobsError(
+            f'--runtime-env-json takes only {{"env_vars": {{...}}}} (got {keys}): moeyard sets '
+            "the job's working dir and excludes itself"
+        )
+    env = extra.get("env_vars", {})
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise JobsError("--runtime-env-json: env_vars must map names to string values")
+    refuse_secrets(env, "--runtime-env-json")
+    return env
+
+
+def refuse_secrets(env_vars: dict[str, str], where: str) -> None:
+    """Raises JobsError naming (never showing) every variable of `env_vars` that is or looks
+    like a credential: nothing secret travels in a runtime env."""
+    secret = sorted(k for k in env_vars if k in HELD_BACK_ENV or looks_secret(k))
+    if secret:
+        raise JobsError(
+            f"{where}: refusing {', '.join(secret)}: a secret must not travel in the runtime "
+            "env (Ray writes it to its runtime-env agent's log and serves it from its job and "
+            "state APIs); give it to the nodes instead (the environment `ray start` is run "
+            "with, an instance profile, or a Kubernetes secret)"
+        )
 
 
 def _ray_cli() -> str:
@@ -126,13 +210,20 @@ def submission_id(run_name: str) -> str:
 
 
 def build_submit(
-    config: str, overrides: list[str], *, address: str | None, job_id: str | None
+    config: str,
+    overrides: list[str],
+    *,
+    address: str | None,
+    job_id: str | None,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[list[str], dict[str, Any], str]:
-    """The `ray job submit` command line, its runtime env and the job id.
+    """The `ray job submit` command line, its runtime env and the job id. The runtime env
+    holds the non-secret storage settings of this shell and `extra_env`, never a credential.
 
     Raises:
         ConfigError: the config does not load or validate (checked before submitting).
-        JobsError: the config lies outside the project directory.
+        JobsError: the config lies outside the project directory, or `extra_env` holds a
+            variable that looks like a secret.
     """
     overrides = list(overrides)
     cfg = load_launch_config(config, overrides)
@@ -144,7 +235,9 @@ def build_submit(
         overrides.append(f"run.output_dir={out}")
     rel = _config_in_project(config)
     job_id = job_id or submission_id(cfg.cluster.run_name or out.rstrip("/").rpartition("/")[2])
-    runtime_env = {"excludes": EXCLUDES, "env_vars": job_env()}
+    env_vars = {**job_env(), **(extra_env or {})}
+    refuse_secrets(env_vars, "the job's runtime env")
+    runtime_env = {"excludes": EXCLUDES, "env_vars": env_vars}
     metadata = {"output_dir": out, "config": rel, "steps": str(cfg.train.steps)}
     cmd = [
         _ray_cli(),
@@ -181,6 +274,13 @@ def submit(argv: list[str]) -> int:
         default=120.0,
         help="how long to keep submitting while a fresh head's job agent starts",
     )
+    p.add_argument(
+        "--runtime-env-json",
+        default=None,
+        metavar="JSON",
+        help='extra variables for the job, \'{"env_vars": {"NAME": "value"}}\'; no secrets '
+        "(Ray logs them): credentials come from the nodes",
+    )
     args = p.parse_args(argv)
     try:
         cmd, runtime_env, job_id = build_submit(
@@ -188,6 +288,7 @@ def submit(argv: list[str]) -> int:
             args.overrides,
             address=args.address,
             job_id=args.submission_id,
+            extra_env=extra_env_vars(args.runtime_env_json),
         )
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -195,8 +296,11 @@ def submit(argv: list[str]) -> int:
     except JobsError as e:
         print(f"moeyard submit: {e}", file=sys.stderr)
         return 2
-    # The runtime env holds credentials: a private file outside the working dir, removed
-    # as soon as the CLI has read it.
+    names = held_back()
+    if names:
+        print(held_back_notice(names), file=sys.stderr, flush=True)
+    # A private file outside the working dir (so it is not uploaded with it), removed as soon
+    # as the CLI has read it.
     fd, env_file = tempfile.mkstemp(prefix="moeyard-runtime-env-", suffix=".yaml")
     try:
         with os.fdopen(fd, "w") as f:

@@ -185,8 +185,9 @@ def reset_stale_ray_record(run_url: str) -> list[str]:
 
 def _pyarrow_filesystem(url: str) -> Any:
     """The pyarrow filesystem Ray Train should use for an `s3://` storage path: s3fs through
-    pyarrow's fsspec handler, so Ray and moeyard reach S3 the same way (the AWS_* variables of
-    the runtime environment, endpoint included)."""
+    pyarrow's fsspec handler, so Ray and moeyard reach S3 the same way: the credentials of the
+    node's environment (or its instance profile), the endpoint and region from the job's
+    runtime environment when `moeyard submit` passed them on."""
     if not url.startswith("s3://"):
         return None
     import pyarrow.fs

@@ -33,9 +33,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
+echo "== S3 endpoint (moto) on 127.0.0.1"
+python scripts/s3_endpoint.py --bucket "$bucket" --ready-file "$work/s3.url" >/dev/null &
+s3_pid=$!
+for _ in $(seq 300); do
+  [ -s "$work/s3.url" ] && break
+  kill -0 "$s3_pid" 2>/dev/null || { echo "the S3 endpoint did not start" >&2; exit 1; }
+  sleep 0.2
+done
+export AWS_ENDPOINT_URL
+AWS_ENDPOINT_URL=$(cat "$work/s3.url")
+# A local endpoint takes any credentials; these are placeholders, not secrets.
+export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo-secret AWS_DEFAULT_REGION=us-east-1
+echo "   $AWS_ENDPOINT_URL, bucket s3://$bucket"
+
 echo "== Ray head on 127.0.0.1 (dashboard :$dash_port, metrics :$metrics_port)"
-# Started before any AWS setting exists in this shell: the job gets them only through its
-# runtime environment, as on a real cluster. Its own session (setsid) so that the trap can
+# Started with the S3 settings in its environment, as a real node holds its credentials
+# (the environment `ray start` is run with, an instance profile, a Kubernetes secret): the
+# job's driver and workers inherit them. `moeyard submit` never passes a key to the job, as
+# Ray logs a job's runtime-env variables. Its own session (setsid) so that the trap can
 # stop exactly its processes.
 # The head's other ports (its agents, the client server) are free ones, so that another
 # Ray on this machine does not stop the demo's.
@@ -53,20 +69,6 @@ setsid ray start --head --block --disable-usage-stats --node-ip-address=127.0.0.
   --ray-client-server-port="$p4" --temp-dir="$work/ray" >"$work/ray.log" 2>&1 &
 ray_pid=$!
 disown "$ray_pid"  # its end, by the trap, is expected: no "Killed" notice
-
-echo "== S3 endpoint (moto) on 127.0.0.1"
-python scripts/s3_endpoint.py --bucket "$bucket" --ready-file "$work/s3.url" >/dev/null &
-s3_pid=$!
-for _ in $(seq 300); do
-  [ -s "$work/s3.url" ] && break
-  kill -0 "$s3_pid" 2>/dev/null || { echo "the S3 endpoint did not start" >&2; exit 1; }
-  sleep 0.2
-done
-export AWS_ENDPOINT_URL
-AWS_ENDPOINT_URL=$(cat "$work/s3.url")
-# A local endpoint takes any credentials; these are placeholders, not secrets.
-export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo-secret AWS_DEFAULT_REGION=us-east-1
-echo "   $AWS_ENDPOINT_URL, bucket s3://$bucket"
 
 echo "== dataset: a slice of the Python standard library, prepared onto s3://$bucket/data"
 stdlib=$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')

@@ -10,8 +10,20 @@ from types import SimpleNamespace
 
 import pytest
 
+import cluster.jobs
 from cluster.config import load_launch_config
-from cluster.jobs import EXCLUDES, build_submit, format_status, job_env, progress
+from cluster.jobs import (
+    AWS_ENV,
+    EXCLUDES,
+    HELD_BACK_ENV,
+    JobsError,
+    build_submit,
+    format_status,
+    job_env,
+    looks_secret,
+    progress,
+    submit,
+)
 from cluster.launch import LaunchError, RayStorage, TaggedSink, check_reachable, worker_capacity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,19 +77,24 @@ def test_unreachable_address_fails_within_the_timeout():
         check_reachable("nohost", timeout_s=0.2)
 
 
-def test_submit_passes_aws_settings_only_through_the_runtime_env(monkeypatch, tmp_path):
+def test_submit_passes_only_non_secret_aws_settings_in_the_runtime_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-value")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-value")
     monkeypatch.chdir(tmp_path)
     cmd, runtime_env, job_id = build_submit(
         TINY, ["train.steps=5", "run.output_dir=runs/x"], address="127.0.0.1:8265", job_id=None
     )
-    assert "very-secret-value" not in " ".join(cmd)
-    assert runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "very-secret-value"
-    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
-    assert "AWS_SESSION_TOKEN" not in runtime_env["env_vars"]
+    said = json.dumps(runtime_env) + " ".join(cmd)
+    for value in ("key-id-value", "very-secret-value", "session-token-value"):
+        assert value not in said
+    # Ray shows a runtime env verbatim: the credentials come from the nodes instead.
+    assert runtime_env["env_vars"] == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
     assert runtime_env["excludes"] == EXCLUDES
     # The working dir is the project; the entrypoint is cluster.launch with the preset
     # relative to it, and a relative local output dir pinned to where the operator is.
@@ -100,6 +117,81 @@ def test_submit_passes_aws_settings_only_through_the_runtime_env(monkeypatch, tm
 def test_job_env_keeps_only_the_storage_settings():
     env = {"AWS_REGION": "eu-west-1", "HOME": "/root", "AWS_ACCESS_KEY_ID": "", "PATH": "/bin"}
     assert job_env(env) == {"AWS_REGION": "eu-west-1"}
+    env = {f"AWS_{k}": "v" for k in ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "SESSION_TOKEN")}
+    assert job_env(env) == {}
+
+
+def test_secret_names_are_told_apart():
+    for name in (*HELD_BACK_ENV, "HF_TOKEN", "WANDB_API_KEY", "GRAFANA_TOKEN", "DB_PASSWORD"):
+        assert looks_secret(name), name
+    for name in (*AWS_ENV, "TOKENIZERS_PARALLELISM", "NCCL_SOCKET_IFNAME", "KEY_ROTATION_DAYS"):
+        assert not looks_secret(name), name
+
+
+def _submitted(monkeypatch, *args: str) -> list[dict]:
+    """Runs `moeyard submit` up to the `ray job submit` call, which is replaced by one that
+    keeps the runtime env file the CLI would read, then fails."""
+    seen = []
+
+    def fake_ray_job_submit(cmd, *, timeout_s):
+        seen.append(json.loads(Path(cmd[cmd.index("--runtime-env") + 1]).read_text()))
+        return 1
+
+    monkeypatch.setattr(cluster.jobs, "_submit_when_agent_ready", fake_ray_job_submit)
+    # Set here so that submit's token-auth check leaves this process's environment alone.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert submit([TINY, "train.steps=2", *args, "--address", "127.0.0.1:1"]) == 1
+    return seen
+
+
+def test_submit_names_the_credentials_it_holds_back(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-value")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_SECURITY_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (env,) = _submitted(monkeypatch, "run.output_dir=runs/x")
+    assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    said = capsys.readouterr()
+    (notice,) = [line for line in said.err.splitlines() if "not passing" in line]
+    assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY from this shell" in notice
+    assert "AWS_SESSION_TOKEN" not in notice  # not set here: not named
+    assert "`ray start`" in notice and "instance profile" in notice and "moeyard-s3" in notice
+    assert "key-id-value" not in said.out + said.err
+    assert "very-secret-value" not in said.out + said.err
+
+
+def test_submit_without_credentials_says_nothing_of_them(monkeypatch, tmp_path, capsys):
+    for name in HELD_BACK_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    _submitted(monkeypatch, "run.output_dir=runs/x")
+    assert "not passing" not in capsys.readouterr().err
+
+
+def test_submit_takes_extra_variables_but_refuses_secret_ones(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    extra = json.dumps({"env_vars": {"NCCL_SOCKET_IFNAME": "eth0"}})
+    (env,) = _submitted(monkeypatch, "run.output_dir=runs/x", "--runtime-env-json", extra)
+    assert env["env_vars"]["NCCL_SOCKET_IFNAME"] == "eth0"
+    assert env["excludes"] == EXCLUDES
+
+    for bad, message in (
+        ({"env_vars": {"HF_TOKEN": "hf-value", "X": "1"}}, "refusing HF_TOKEN: a secret"),
+        ({"env_vars": {"AWS_SECRET_ACCESS_KEY": "v"}}, "refusing AWS_SECRET_ACCESS_KEY"),
+        ({"working_dir": "."}, "takes only"),
+        ({"env_vars": {"N": 1}}, "string values"),
+    ):
+        rc = submit([TINY, "--runtime-env-json", json.dumps(bad), "--address", "127.0.0.1:1"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, err
+        assert "hf-value" not in err
+    assert submit([TINY, "--runtime-env-json", "{", "--address", "127.0.0.1:1"]) == 2
+    assert "--runtime-env-json is not JSON" in capsys.readouterr().err
+    with pytest.raises(JobsError, match="refusing WANDB_API_KEY"):
+        build_submit(TINY, [], address=None, job_id=None, extra_env={"WANDB_API_KEY": "k"})
 
 
 def test_excludes_keep_the_presets_and_drop_local_runs():

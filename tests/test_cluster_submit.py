@@ -1,10 +1,11 @@
 """`moeyard submit` / `status` / `stop` against a real local head started with `ray start`.
 
 The head runs with its dashboard (the job server) on free ports in its own temporary folder
-and process group, and without any AWS variable in its environment: the job can write its
-outputs to the local S3 endpoint only if `moeyard submit` hands the settings to the job's
-processes through the runtime environment, as it must. The job is submitted through the real
-`ray job submit` CLI.
+and process group. Like a real node it holds the S3 credentials in the environment `ray start`
+was given, which the job's driver and Ray Train's workers inherit; the endpoint is not there:
+the job reaches the local S3 endpoint only if `moeyard submit` passes the shell's endpoint
+through the runtime environment, and only if it holds back the shell's keys, as it must. The
+job is submitted through the real `ray job submit` CLI.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.s3_server import TEST_SECRET
+from tests.s3_server import TEST_KEY_ID, TEST_SECRET, S3Server
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +40,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """`ray start --head --block` in its own session; yields the job server URL."""
+@contextmanager
+def local_head(node_env: dict[str, str]) -> Iterator[str]:
+    """`ray start --head --block` in its own session, with `node_env` (and no other AWS or Ray
+    variable of this process) in its environment; yields the job server URL."""
     temp = tempfile.mkdtemp(prefix="moeyard-ray-")
     dash = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env.update(node_env)
     # A head bound to this machine for one module: no token auth (the clients below, run
     # with this same setting, then send none).
     env["RAY_AUTH_MODE"] = "disabled"
@@ -104,6 +109,22 @@ def ray_head():
             os.environ["RAY_AUTH_MODE"] = saved_mode
 
 
+def node_credentials(key_id: str, secret: str) -> dict[str, str]:
+    """What a node of the cluster holds: the S3 credentials, not the endpoint."""
+    return {
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server: S3Server) -> Iterator[str]:
+    """A local head holding the S3 endpoint's credentials; yields the job server URL."""
+    with local_head(node_credentials(TEST_KEY_ID, TEST_SECRET)) as url:
+        yield url
+
+
 def moeyard(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args],
@@ -133,12 +154,17 @@ def test_submit_runs_to_succeeded_with_outputs_on_s3(ray_head, s3_bucket):
     job_id = sub.stdout.strip().splitlines()[-1].removeprefix("job id: ")
     assert job_id.startswith("moeyard-tiny-")
     assert TEST_SECRET not in sub.stdout + sub.stderr
+    # The shell's keys were held back, by name; the job used the head's.
+    assert "not passing AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY from this shell" in sub.stderr
 
     from ray.job_submission import JobSubmissionClient
 
     # Polled here, in-process: a `moeyard status` process per poll would take the CPUs the
     # job runs on.
     client = JobSubmissionClient(ray_head)
+    env_vars = client.get_job_info(job_id).runtime_env["env_vars"]
+    assert env_vars["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env_vars), sorted(env_vars)
     deadline = time.monotonic() + 300
     while str(client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]

@@ -200,8 +200,9 @@ def local(s3_server: S3Server) -> Iterator[Local]:
     # Ray's socket paths must stay under 107 bytes: a short directory, not pytest's.
     tmp = Path(tempfile.mkdtemp(prefix="rb-"))
     dashboard = free_port()
-    # The cluster's processes (and so the jobs) inherit this environment: the S3 endpoint,
-    # this interpreter's bin/ first on PATH (`python`, `moeyard`, `ray`), the repository
+    # The cluster's processes (and so the jobs) inherit this environment: the S3 endpoint and
+    # its credentials, which a job gets from its node alone (`moeyard submit` passes on no
+    # key), this interpreter's bin/ first on PATH (`python`, `moeyard`, `ray`), the repository
     # importable, no Ray token auth on a cluster bound to 127.0.0.1.
     env = {
         **os.environ,
