@@ -602,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
             if "--json" not in flags and len(counts_for(cfg)) > 1:
                 # Memory per rank does not change with the size: the experts per rank (EP) and
                 # the micro-batch stay; a smaller size runs more micro-steps.
-                print(f"{elastic_describe(cfg)}; the per-rank memory below holds at each size", flush=True)
+                print(
+                    f"{elastic_describe(cfg)}; the per-rank memory below holds at each size",
+                    flush=True,
+                )
             return dryrun.main(cfg, json_out="--json" in flags, world_size=cfg.cluster.num_workers)
         summary = JobController(cfg).run()
     except ConfigError as e:
