@@ -145,11 +145,12 @@ def _submitted(monkeypatch, *args: str) -> list[dict]:
 
 
 def test_submit_names_the_credentials_it_holds_back(monkeypatch, tmp_path, capsys):
+    # Whatever an S3 fixture of another test left in this process's environment.
+    for name in (*AWS_ENV, *HELD_BACK_ENV):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-value")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_SECURITY_TOKEN", raising=False)
     monkeypatch.chdir(tmp_path)
     (env,) = _submitted(monkeypatch, "run.output_dir=runs/x")
     assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
