@@ -24,18 +24,24 @@ complete checkpoint, resharded to the new size by the checkpoint format (experts
 by global id, the data cursor by global sample). A group that could grow again (a node came
 back) is resized at most every `cluster.resize_check_s` seconds; the restart resumes from the
 newest checkpoint, so steps after it are trained again (not counted as repeated samples: the
-sample ledger is restored with the checkpoint).
+sample ledger is restored with the checkpoint). With room for fewer than min_workers the run
+waits for nodes, saying so in the job's log once a minute.
 """
 
 from __future__ import annotations
 
 import copy
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cluster.config import LaunchConfig
+
+
+# Seconds between "waiting for nodes" lines while an elastic run has too little room to start.
+WAIT_NOTICE_S = 60.0
 
 
 def worker_counts(
@@ -133,6 +139,7 @@ def scaling_policy(cfg: LaunchConfig, scaling_config: Any) -> Any:
     counts = counts_for(cfg)
     per_worker = dict(scaling_config._resources_per_worker_not_none)
     strategy = cfg.cluster.placement_strategy
+    min_workers = cfg.cluster.min_workers
 
     class UsableSizesPolicy(ElasticScalingPolicy):
         """Rounds the number of workers the cluster can hold down to a usable count.
@@ -143,9 +150,35 @@ def scaling_policy(cfg: LaunchConfig, scaling_config: Any) -> Any:
         cluster.start_timeout_s for a placement that cannot come. So the room is also capped
         by what the nodes whose raylet answers right now can hold."""
 
+        _below_since: float | None = None
+        _said_at = 0.0
+
         def _count_possible_workers(self, reserved_resources: Any) -> int:
             room = min(super()._count_possible_workers(reserved_resources), live_room())
             return max((n for n in counts if n <= room), default=0)
+
+        def make_decision_for_non_running_worker_group(self) -> Any:
+            from ray.train.v2._internal.execution.scaling_policy import NoopDecision
+
+            decision = super().make_decision_for_non_running_worker_group()
+            if not isinstance(decision, NoopDecision):
+                self._below_since = None
+                return decision
+            # Too little room for the smallest usable size: the run waits for nodes. Say so
+            # in the job's log, once a minute, so that the wait is never silent.
+            now = time.monotonic()
+            if self._below_since is None:
+                self._below_since = now
+            if now - self._said_at >= WAIT_NOTICE_S:
+                self._said_at = now
+                print(
+                    f"elastic: waiting for nodes: the cluster has room for {live_room()} "
+                    f"workers, fewer than the smallest usable size {counts[-1]} "
+                    f"(cluster.min_workers={min_workers}); waited {now - self._below_since:.0f} "
+                    "s so far",
+                    flush=True,
+                )
+            return decision
 
     def live_room() -> int:
         import ray

@@ -126,3 +126,29 @@ def test_raylet_probe_tells_a_dead_node_from_a_live_one() -> None:
     # The same port, now closed: connection refused, as from a node whose raylet died.
     assert not raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})
     assert raylet_answers({})  # nothing to probe: the node table is trusted
+
+
+def test_policy_says_it_waits_below_the_smallest_size(monkeypatch, capsys) -> None:
+    import ray
+    import ray.train
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
+
+    cfg = _cfg("cluster.num_workers=8", "cluster.min_workers=4")
+    sc = ray.train.ScalingConfig(num_workers=(4, 8), resources_per_worker={"CPU": 1.0})
+    policy = scaling_policy(cfg, sc)
+    nodes = [{"CPU": 3.0}]
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes])
+    # Ray's own parts: the autoscaling coordinator's reservations follow the node list here.
+    monkeypatch.setattr(policy, "_maybe_send_resource_request", lambda: None)
+    monkeypatch.setattr(
+        policy, "_get_reserved_resources", lambda: {f"n{i}": r for i, r in enumerate(nodes)}
+    )
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision)
+    said = capsys.readouterr().out
+    assert "elastic: waiting for nodes: the cluster has room for 3 workers" in said
+    assert "smallest usable size 4 (cluster.min_workers=4)" in said
+    policy.make_decision_for_non_running_worker_group()
+    assert "waiting for nodes" not in capsys.readouterr().out  # once a minute, not per poll
+    nodes.append({"CPU": 3.0})
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 4
