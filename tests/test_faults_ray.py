@@ -48,6 +48,37 @@ def _steps(out: Path) -> int:
     return max((json.loads(x)["step"] for x in lines if x), default=0)
 
 
+def _launch(ray_cluster, out: Path, overrides: list[str]) -> subprocess.Popen:
+    """`python -m cluster.launch` of the tiny preset on the mini-cluster, a checkpoint every
+    3 steps (written synchronously) to `out`, one restart allowed."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.launch",
+            "infra/runs/tiny.yaml",
+            *overrides,
+            "checkpoint.every=3",
+            "checkpoint.async_save=false",
+            f"run.output_dir={out}",
+            "cluster.max_failures=1",
+            f"cluster.ray_address={ray_cluster.address}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _worker_node_of(ray_cluster, out: Path, proc: subprocess.Popen) -> str:
+    """Waits for step 4, then names a node (not the head) that holds a worker of the run."""
+    wait_for(lambda: _steps(out) >= 4 or proc.poll() is not None, timeout_s=240, what="step 4")
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    head = ray_cluster.head_node.node_id
+    return next(w["node_id"] for w in read_placement(str(out))["workers"] if w["node_id"] != head)
+
+
 def _reference(rank: int, world: int, overrides: list[str]) -> float:
     from trainer.config import load_config
     from trainer.loop import run
@@ -61,33 +92,13 @@ def test_lost_node_restarts_and_loses_no_sample(ray_cluster, tmp_path) -> None:
 
     common = [f"train.steps={STEPS}", "parallel.ep=1", *FAST]
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cluster.launch",
-            "infra/runs/tiny.yaml",
-            *common,
-            "checkpoint.every=3",
-            "checkpoint.async_save=false",
-            f"run.output_dir={out}",
-            "cluster.num_workers=2",
-            "cluster.placement_strategy=STRICT_SPREAD",
-            "cluster.max_failures=1",
-            f"cluster.ray_address={ray_cluster.address}",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = _launch(
+        ray_cluster,
+        out,
+        [*common, "cluster.num_workers=2", "cluster.placement_strategy=STRICT_SPREAD"],
     )
     try:
-        wait_for(lambda: _steps(out) >= 4 or proc.poll() is not None, timeout_s=180, what="step 4")
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        head = ray_cluster.head_node.node_id
-        victim = next(
-            w["node_id"] for w in read_placement(str(out))["workers"] if w["node_id"] != head
-        )
+        victim = _worker_node_of(ray_cluster, out, proc)
         lost_after = _steps(out)
         remove_node(ray_cluster, victim)
         ray_cluster.add_node(**NODE)  # the replacement machine
@@ -122,34 +133,19 @@ def test_lost_node_without_replacement_continues_on_fewer_replicas(ray_cluster, 
     # the ranks present, so its value depends on the size (cluster/elastic.py).
     common = [f"train.steps={STEPS}", "parallel.ep=2", "model.moe.aux_loss_coef=0", *FAST]
     out = tmp_path / "run"
-    proc = subprocess.Popen(
+    proc = _launch(
+        ray_cluster,
+        out,
         [
-            sys.executable,
-            "-m",
-            "cluster.launch",
-            "infra/runs/tiny.yaml",
             *common,
-            "checkpoint.every=3",
-            "checkpoint.async_save=false",
-            f"run.output_dir={out}",
             "cluster.num_workers=4",
             "cluster.min_workers=2",
             "cluster.placement_strategy=PACK",
-            "cluster.max_failures=1",
-            f"cluster.ray_address={ray_cluster.address}",
         ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
-        wait_for(lambda: _steps(out) >= 4 or proc.poll() is not None, timeout_s=240, what="step 4")
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        head = ray_cluster.head_node.node_id
-        before = read_placement(str(out))["workers"]
-        assert len(before) == 4
-        victim = next(w["node_id"] for w in before if w["node_id"] != head)
+        victim = _worker_node_of(ray_cluster, out, proc)
+        assert len(read_placement(str(out))["workers"]) == 4
         lost_after = _steps(out)
         remove_node(ray_cluster, victim)  # and no replacement
         log, _ = proc.communicate(timeout=300)

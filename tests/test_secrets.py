@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import sysconfig
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -48,11 +47,12 @@ def leaks(blob: bytes, where: str) -> list[str]:
 
 
 class Scraper:
-    """Polls the Prometheus endpoint while the run goes on; keeps every body it got."""
+    """Polls a Prometheus endpoint every `interval_s` while the run goes on; keeps every body
+    it got and the addresses the port listens on."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, interval_s: float = 0.1) -> None:
         self.url = f"http://127.0.0.1:{port}/metrics"
-        self.port = port
+        self.port, self.interval_s = port, interval_s
         self.bodies: list[bytes] = []
         self.addresses: set[str] = set()
         self.stop = threading.Event()
@@ -67,7 +67,12 @@ class Scraper:
                 self.addresses |= listen_addresses(self.port)
             except OSError:
                 pass
-            time.sleep(0.1)
+            self.stop.wait(self.interval_s)
+
+    def close(self) -> list[bytes]:
+        self.stop.set()
+        self.thread.join()
+        return self.bodies
 
 
 def test_no_credential_in_any_artifact(s3_bucket, tmp_path, monkeypatch, capfd) -> None:
@@ -101,8 +106,7 @@ def test_no_credential_in_any_artifact(s3_bucket, tmp_path, monkeypatch, capfd) 
     try:
         summary = run(cfg)
     finally:
-        scraper.stop.set()
-        scraper.thread.join()
+        scraper.close()
     assert summary.steps == 4
     found: list[str] = []
 

@@ -30,7 +30,6 @@ import base64
 import json
 import secrets
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from typing import Any
 import pytest
 
 from tests.test_cluster_submit import local_head, moeyard, node_credentials
+from tests.test_secrets import Scraper
 
 pytestmark = pytest.mark.slow
 
@@ -165,31 +165,6 @@ def _head_node(url: str) -> tuple[Path, int]:
     return Path(sessions.pop()), int(ports.pop())
 
 
-class Scraper:
-    """Polls a Prometheus endpoint while the jobs run; keeps every body it got."""
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/metrics"
-        self.bodies: list[bytes] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    self.bodies.append(r.read())
-            except OSError:
-                pass
-            self.stop.wait(1.0)
-
-    def close(self) -> list[bytes]:
-        self.stop.set()
-        self.thread.join()
-        return self.bodies
-
-
 def _node_processes_with(session: Path, entry: bytes) -> int:
     """How many processes of the head (their command line names its session folder) have
     `entry` (NAME=value) in their environment."""
@@ -289,7 +264,7 @@ def jobs(creds: Creds, ray_head: str, s3_server) -> Iterator[JobArtifacts]:
             f"AWS_SECRET_ACCESS_KEY={creds.secret}",
         ):
             assert _node_processes_with(session, entry.encode()), entry.split("=")[0]
-        scraper = Scraper(metrics_port)
+        scraper = Scraper(metrics_port, interval_s=1.0)
         client = JobSubmissionClient(ray_head)
         moeyard_blobs: dict[str, bytes] = {}
 
