@@ -74,7 +74,7 @@ from trainer.mesh import Mesh
 from trainer.moe import _EXPERT_WEIGHTS, GroupedExperts
 
 if TYPE_CHECKING:
-    from trainer.loop import RunState
+    from trainer.run_state import RunState
 
 log = logging.getLogger("moeyard.checkpoint")
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dataloader.reader import DataExhausted
-from dataloader.source import TokenSource, build_source
+from dataloader.source import build_source
 from ops.prometheus import build_prometheus_sink
 from ops.sinks import JsonlSink, MetricSink, StdoutSink
 from ops.telemetry import Telemetry
@@ -32,31 +32,12 @@ from trainer.config import ConfigError, JobConfig, to_yaml
 from trainer.fault_hook import LossFaults
 from trainer.flops import flops_per_token
 from trainer.guard import LossGuard, TrainingDiverged
-from trainer.mesh import Mesh, build_mesh, init_distributed
+from trainer.mesh import build_mesh, init_distributed
 from trainer.model import Transformer, build_model, materialize
 from trainer.moe import MoE
 from trainer.parallelize import clip_grad_norm_, parallelize, sync_gradients
 from trainer.resilience import CollectiveWatch, Preemption
-
-
-@dataclass
-class RunState:
-    """Everything the loop holds; what a checkpoint saves and a resume restores."""
-
-    cfg: JobConfig
-    mesh: Mesh
-    device: torch.device
-    model: Transformer
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    source: TokenSource
-    guard: LossGuard | None = None
-    preempt: Preemption | None = None  # SIGTERM seen by this rank (run() installs it)
-    watch: CollectiveWatch | None = None  # names a hung collective (run() starts it)
-    faults: LossFaults | None = None  # faults.* injections (trainer/fault_hook.py)
-    step: int = 0  # steps completed (a step the loss guard skipped counts, its data is used)
-    tokens: int = 0  # global tokens trained on
-    extra: dict[str, Any] = field(default_factory=dict)
+from trainer.run_state import RunState
 
 
 @dataclass
@@ -431,25 +412,37 @@ def make_telemetry(state: RunState, *, local_rank: int, gpu_uuid: str | None) ->
     )
 
 
-def run(
-    cfg: JobConfig,
-    *,
-    local_rank: int = 0,
-    sinks: list[MetricSink] | None = None,
-    on_checkpoint: CheckpointHook | None = None,
-    placement: dict[str, Any] | None = None,
-) -> RunSummary:
-    """Trains up to `cfg.train.steps` steps and returns the summary (on every rank).
+@dataclass
+class Session:
+    """What one call of `run` holds around the state: the checkpointer, the sinks, the
+    telemetry, the logging window and what the summary reports."""
 
-    Resumes from the newest complete checkpoint in `run.output_dir` (see
-    `trainer/checkpoint.py`); `on_checkpoint(url, step, metrics)` is called on every rank
-    after each checkpoint is complete (the Ray launcher registers it with Ray Train).
-    `placement` is the expert placement plan a launcher computed (cluster/placement.py, with
-    Ray node ids); it must be given on every rank or on none. Without it the loop gathers
-    hostnames itself (`placement_plan`).
-    """
-    state = setup(cfg, local_rank=local_rank)
-    rank = state.mesh.rank
+    ckpt: Checkpointer
+    sinks: list[MetricSink]
+    telemetry: Telemetry
+    tokens_per_step: int
+    losses: list[float] = field(default_factory=list)
+    last_record: dict[str, Any] = field(default_factory=dict)
+    preempted: bool = False
+    rollbacks: int = 0
+    t_start: float = 0.0
+    # The logging window: steps and data wait since the last logged step.
+    t_window: float = 0.0
+    steps_window: int = 0
+    wait_window: float = 0.0
+
+
+def begin(
+    state: RunState,
+    *,
+    local_rank: int,
+    sinks: list[MetricSink] | None,
+    on_checkpoint: CheckpointHook | None,
+    placement: dict[str, Any] | None,
+) -> Session:
+    """Writes the resolved config and the placement plan, resumes from the newest complete
+    checkpoint, starts the sinks, the telemetry, the SIGTERM handler and the watchdog."""
+    cfg, rank = state.cfg, state.mesh.rank
     out = cfg.run.output_dir.rstrip("/")
     plan = placement if placement is not None else placement_plan(state)
     if rank == 0:
@@ -459,119 +452,146 @@ def run(
         cfg.checkpoint, out, state.mesh, config_yaml=to_yaml(cfg), on_checkpoint=on_checkpoint
     )
     ckpt.resume(state)
-    last_record: dict[str, Any] = {}
     gpu_uuid = device_identity(state.device)[0]
     telemetry = make_telemetry(state, local_rank=local_rank, gpu_uuid=gpu_uuid)
     if sinks is None:
         sinks = make_sinks(cfg, rank, local_rank=local_rank, gpu_uuid=gpu_uuid)
-    losses: list[float] = []
-    tokens_per_step = (
-        cfg.train.seq_len
-        * cfg.train.micro_batch_size
-        * cfg.train.grad_accum
-        * state.mesh.world_size
+    t = cfg.train
+    session = Session(
+        ckpt=ckpt,
+        sinks=sinks,
+        telemetry=telemetry,
+        tokens_per_step=t.seq_len * t.micro_batch_size * t.grad_accum * state.mesh.world_size,
     )
-    state.preempt = Preemption(cfg.train.preempt_grace_s)
+    state.preempt = Preemption(t.preempt_grace_s)
     state.preempt.install(announce=rank == 0)
     state.watch = CollectiveWatch(
         rank=rank, world_size=state.mesh.world_size, timeout_s=cfg.parallel.timeout_s
     )
-    preempted = False
-    rollbacks = 0
     telemetry.start()
-    t_start = time.perf_counter()
-    t_window, steps_window, wait_window = t_start, 0, 0.0
-    try:
-        while state.step < cfg.train.steps:
-            try:
-                m = train_step(state)
-            except TrainingDiverged as e:
-                if cfg.train.on_bad_steps != "rollback":
-                    raise
-                rollbacks += 1
-                roll_back(state, ckpt, e, count=rollbacks)
-                continue
-            except DataExhausted as e:
-                # data.epochs or data.token_budget reached: every rank hits it at the same
-                # global batch, before any micro-batch of the step was trained.
-                if rank == 0:
-                    print(f"data exhausted after step {state.step}: {e}", flush=True)
-                if cfg.checkpoint.every and ckpt.last_saved != state.step:
-                    ckpt.save(state, last_record)
-                break
-            steps_window += 1
-            wait_window += float(m["data_wait_s"])  # a host tensor: no device sync
-            if state.step % cfg.run.log_every == 0 or state.step == cfg.train.steps:
-                if state.device.type == "cuda":
-                    torch.cuda.synchronize()  # host sync: honest step timing at log steps only
-                now = time.perf_counter()
-                dt = now - t_window
-                # Device-to-host sync: the logged values.
-                lm = m["lm_loss"].item()
-                record: dict[str, Any] = {
-                    "loss": lm + m["aux_loss"].item() + m["z_loss"].item(),
-                    "lm_loss": lm,
-                    "aux_loss": m["aux_loss"].item(),
-                    "z_loss": m["z_loss"].item(),
-                    "grad_norm": m["grad_norm"].item(),
-                    "lr": m["lr"].item(),
-                    "tokens": state.tokens,
-                    "tokens_per_s": tokens_per_step * steps_window / dt,
-                    "step_time_s": dt / steps_window,
-                    "data_wait_s": m["data_wait_s"].item(),
-                }
-                if state.guard is not None:
-                    record["skipped_steps"] = state.guard.skipped
-                    record["step_skipped"] = bool(m["skipped"])
-                if state.faults is not None and state.faults.active:
-                    record["faults_injected"] = state.faults.count
-                record.update(state.source.metrics())
-                if "load_LE" in m:
-                    record["moe"] = expert_load_stats(m["load_LE"].cpu(), m["dropped_L"].cpu())
-                telemetry.update(
-                    record,
-                    window_s=dt,
-                    window_steps=steps_window,
-                    window_tokens=tokens_per_step * steps_window,
-                    window_data_wait_s=wait_window,
-                )
-                losses.append(record["loss"])
-                for s in sinks:
-                    s.log(record, state.step)
-                t_window, steps_window, wait_window = time.perf_counter(), 0, 0.0
-                last_record = record
-            ckpt.maybe_save(state, last_record, final_step=cfg.train.steps)
-            # Ranks stop on the flag they agreed on in the step's all-reduce, never on their
-            # own: a rank signalled after that all-reduce stops one step later, with the rest.
-            # Device-to-host sync (multi-rank only).
-            if bool(m["preempt"]) if state.mesh.world_size > 1 else state.preempt.requested:
-                if ckpt.last_saved != state.step:
-                    ckpt.save(state, last_record)
-                ckpt.wait()  # the checkpoint is complete before the loop stops
-                preempted = True
-                if rank == 0:
-                    print(
-                        f"preempted: stopped after step {state.step} with a complete checkpoint "
-                        f"({state.preempt.elapsed():.1f} s after SIGTERM, "
-                        f"train.preempt_grace_s={cfg.train.preempt_grace_s:g}); rerun the "
-                        "same command to resume",
-                        flush=True,
-                    )
-                break
-        ckpt.close()  # waits for a background save; raises its error
-    finally:
+    session.t_start = session.t_window = time.perf_counter()
+    return session
+
+
+def log_step(state: RunState, session: Session, m: dict[str, torch.Tensor]) -> None:
+    """Builds the metrics record of a logged step and hands it to the sinks."""
+    if state.device.type == "cuda":
+        torch.cuda.synchronize()  # host sync: honest step timing at log steps only
+    now = time.perf_counter()
+    dt = now - session.t_window
+    steps = session.steps_window
+    # Device-to-host sync: the logged values.
+    lm = m["lm_loss"].item()
+    record: dict[str, Any] = {
+        "loss": lm + m["aux_loss"].item() + m["z_loss"].item(),
+        "lm_loss": lm,
+        "aux_loss": m["aux_loss"].item(),
+        "z_loss": m["z_loss"].item(),
+        "grad_norm": m["grad_norm"].item(),
+        "lr": m["lr"].item(),
+        "tokens": state.tokens,
+        "tokens_per_s": session.tokens_per_step * steps / dt,
+        "step_time_s": dt / steps,
+        "data_wait_s": m["data_wait_s"].item(),
+    }
+    if state.guard is not None:
+        record["skipped_steps"] = state.guard.skipped
+        record["step_skipped"] = bool(m["skipped"])
+    if state.faults is not None and state.faults.active:
+        record["faults_injected"] = state.faults.count
+    record.update(state.source.metrics())
+    if "load_LE" in m:
+        record["moe"] = expert_load_stats(m["load_LE"].cpu(), m["dropped_L"].cpu())
+    session.telemetry.update(
+        record,
+        window_s=dt,
+        window_steps=steps,
+        window_tokens=session.tokens_per_step * steps,
+        window_data_wait_s=session.wait_window,
+    )
+    session.losses.append(record["loss"])
+    for s in session.sinks:
+        s.log(record, state.step)
+    session.t_window, session.steps_window, session.wait_window = time.perf_counter(), 0, 0.0
+    session.last_record = record
+
+
+def stop_for_preemption(state: RunState, session: Session) -> None:
+    """Writes a checkpoint synchronously (unless this step has one) and announces the stop."""
+    cfg, ckpt = state.cfg, session.ckpt
+    if ckpt.last_saved != state.step:
+        ckpt.save(state, session.last_record)
+    ckpt.wait()  # the checkpoint is complete before the loop stops
+    session.preempted = True
+    if state.mesh.rank == 0:
+        assert state.preempt is not None
+        print(
+            f"preempted: stopped after step {state.step} with a complete checkpoint "
+            f"({state.preempt.elapsed():.1f} s after SIGTERM, "
+            f"train.preempt_grace_s={cfg.train.preempt_grace_s:g}); rerun the "
+            "same command to resume",
+            flush=True,
+        )
+
+
+def train(state: RunState, session: Session) -> None:
+    """Steps until train.steps, the end of the data, or a preemption; logs and checkpoints
+    on the way, and rolls back on diverging steps when train.on_bad_steps says so."""
+    cfg, ckpt = state.cfg, session.ckpt
+    assert state.preempt is not None
+    while state.step < cfg.train.steps:
+        try:
+            m = train_step(state)
+        except TrainingDiverged as e:
+            if cfg.train.on_bad_steps != "rollback":
+                raise
+            session.rollbacks += 1
+            roll_back(state, ckpt, e, count=session.rollbacks)
+            continue
+        except DataExhausted as e:
+            # data.epochs or data.token_budget reached: every rank hits it at the same
+            # global batch, before any micro-batch of the step was trained.
+            if state.mesh.rank == 0:
+                print(f"data exhausted after step {state.step}: {e}", flush=True)
+            if cfg.checkpoint.every and ckpt.last_saved != state.step:
+                ckpt.save(state, session.last_record)
+            break
+        session.steps_window += 1
+        session.wait_window += float(m["data_wait_s"])  # a host tensor: no device sync
+        if state.step % cfg.run.log_every == 0 or state.step == cfg.train.steps:
+            log_step(state, session, m)
+        ckpt.maybe_save(state, session.last_record, final_step=cfg.train.steps)
+        # Ranks stop on the flag they agreed on in the step's all-reduce, never on their
+        # own: a rank signalled after that all-reduce stops one step later, with the rest.
+        # Device-to-host sync (multi-rank only).
+        if bool(m["preempt"]) if state.mesh.world_size > 1 else state.preempt.requested:
+            stop_for_preemption(state, session)
+            break
+    ckpt.close()  # waits for a background save; raises its error
+
+
+def end(state: RunState, session: Session) -> None:
+    """Stops what `begin` started, whether the run succeeded or not."""
+    if state.preempt is not None:
         state.preempt.uninstall()
+    if state.watch is not None:
         state.watch.close()
-        ckpt.close(raise_errors=False)
-        for s in sinks:
-            s.close()
-        telemetry.close()
-        state.source.close()
-    wall = time.perf_counter() - t_start
+    session.ckpt.close(raise_errors=False)
+    for s in session.sinks:
+        s.close()
+    session.telemetry.close()
+    state.source.close()
+
+
+def summarize(state: RunState, session: Session) -> RunSummary:
+    """The run summary (every rank), written to `summary.json` by rank 0."""
+    wall = time.perf_counter() - session.t_start
     acct_figures: dict[str, Any] = {}
     if isinstance(state.source, AccountedSource):
         substituted = int(state.source.metrics().get("data_substituted_rows", 0))
         acct_figures = state.source.ledger.summary(substituted=substituted)
+    out = state.cfg.run.output_dir.rstrip("/")
+    losses = session.losses
     summary = RunSummary(
         steps=state.step,
         tokens=state.tokens,
@@ -590,9 +610,41 @@ def run(
         samples_policy_skipped=acct_figures.get("samples_policy_skipped", 0),
         resumes=acct_figures.get("resumes", 0),
         accounting=acct_figures,
-        preempted=preempted,
+        preempted=session.preempted,
         faults_injected=state.faults.count if state.faults is not None else 0,
     )
-    if rank == 0:
+    if state.mesh.rank == 0:
         write_text(f"{out}/summary.json", json.dumps(summary.to_dict(), indent=1))
     return summary
+
+
+def run(
+    cfg: JobConfig,
+    *,
+    local_rank: int = 0,
+    sinks: list[MetricSink] | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+    placement: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Trains up to `cfg.train.steps` steps and returns the summary (on every rank).
+
+    Resumes from the newest complete checkpoint in `run.output_dir` (see
+    `trainer/checkpoint.py`); `on_checkpoint(url, step, metrics)` is called on every rank
+    after each checkpoint is complete (the Ray launcher registers it with Ray Train).
+    `placement` is the expert placement plan a launcher computed (cluster/placement.py, with
+    Ray node ids); it must be given on every rank or on none. Without it the loop gathers
+    hostnames itself (`placement_plan`).
+
+    The steps: `setup` (process group, mesh, model, optimizer, data), `begin` (outputs,
+    resume, sinks, telemetry), `train` (the steps, with `train_step` and `log_step`), `end`
+    (stop what begin started) and `summarize`.
+    """
+    state = setup(cfg, local_rank=local_rank)
+    session = begin(
+        state, local_rank=local_rank, sinks=sinks, on_checkpoint=on_checkpoint, placement=placement
+    )
+    try:
+        train(state, session)
+    finally:
+        end(state, session)
+    return summarize(state, session)

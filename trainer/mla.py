@@ -19,7 +19,7 @@ grouped-query attention (`trainer.flops.kv_cache_elements_per_token`). This modu
 the training form (keys and values materialized per head); the absorbed inference form
 multiplies W_UK into the query instead and is the same function.
 
-Rotary embedding here rotates halves (`trainer.model.apply_rope`), where DeepSeek's released
+Rotary embedding here rotates halves (`trainer.layers.apply_rope`), where DeepSeek's released
 weights rotate interleaved pairs: the two differ by a fixed permutation of W_QR's and W_KR's
 output rows, so the model class is the same.
 """
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
-from trainer.model import RMSNorm, apply_rope
+from trainer.layers import RMSNorm, apply_rope
 
 
 class MLAttention(nn.Module):

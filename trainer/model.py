@@ -15,71 +15,15 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.attention import Attention
 from trainer.config import ModelConfig
+from trainer.layers import RMSNorm, apply_rope, rope_tables
+from trainer.mla import MLAttention
 from trainer.moe import GroupedExperts, MoE, SwiGLU
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(
-            x.dtype
-        ) * self.weight
-
-
-def rope_tables(
-    head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
-) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [S, Dh/2] for rotary embedding."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    )
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x_BHSDh: Tensor, cos_SDh2: Tensor, sin_SDh2: Tensor) -> Tensor:
-    """Rotates consecutive halves of the head dim (the GPT-NeoX layout)."""
-    S = x_BHSDh.shape[-2]
-    cos, sin = cos_SDh2[:S], sin_SDh2[:S]
-    x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x_BHSDh.dtype)
-
-
-class Attention(nn.Module):
-    """Causal multi-head / grouped-query attention through scaled_dot_product_attention."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
-
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
-        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+__all__ = ["Attention", "RMSNorm", "Transformer", "apply_rope", "build_model", "materialize"]
 
 
 class Block(nn.Module):
@@ -87,8 +31,6 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.attention == "mla":
-            from trainer.mla import MLAttention
-
             self.attn: nn.Module = MLAttention(cfg)
         else:
             self.attn = Attention(cfg)
