@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Literal
+
+
+@dataclass
+class MixEntry:
+    """One dataset of a mixture (`data.mix`): a prepared dataset and its share of samples.
+
+    Exhaustion (dataloader/mix.py): `epochs` 0 repeats the dataset as often as its weight
+    asks, each pass in a new seeded order; `epochs` N > 0 lets it serve N passes, and the
+    run ends (like `data.epochs`) at the first step that would need a sample beyond them.
+    """
+
+    name: str = ""
+    path: str = ""  # dataset root URL, as data.path
+    weight: float = 0.0  # relative share; the weights of the mix are normalized to sum 1
+    epochs: int = 0
 
 
 @dataclass
 class DataConfig:
     # "corpus": the Python standard library's own source files as a byte corpus (real
-    # text, no download). "shards": a prepared Parquet dataset at `path`.
-    source: Literal["corpus", "shards"] = "corpus"
+    # text, no download). "shards": a prepared Parquet dataset at `path`. "mix": the
+    # datasets of `mix`, blended by weight. "auto" (the default) follows from the keys
+    # that are set: `mix` -> "mix", `path` -> "shards", neither -> "corpus"; the resolved
+    # source is what the run's config.yaml records.
+    source: Literal["auto", "corpus", "shards", "mix"] = "auto"
     path: str = ""  # dataset root URL (s3://..., file://..., a local path) for "shards"
+    # Datasets blended by weight (source "mix"), e.g. [{name: web, path: s3://..., weight:
+    # 0.7}, {name: code, path: ..., weight: 0.3}]; see dataloader/mix.py for the order.
+    mix: list[MixEntry] = field(default_factory=list)
     # Shuffles the shard order each epoch and the rows inside each shuffle window.
     shuffle: bool = True
     corpus_max_bytes: int = 8_000_000  # how much of the stdlib the corpus source reads
@@ -42,8 +65,9 @@ class DataConfig:
     endpoint_url: str = ""
 
     def __post_init__(self) -> None:
-        if self.source == "shards" and not self.path:
-            raise ValueError("data.path must be set when data.source is 'shards'")
+        self._resolve_source()
+        self._check_mix()
+        self._warn_ignored()
         if self.corpus_max_bytes < 1:
             raise ValueError(f"data.corpus_max_bytes ({self.corpus_max_bytes}) must be >= 1")
         for key in (
@@ -62,3 +86,85 @@ class DataConfig:
             raise ValueError(f"data.backoff_s ({self.backoff_s}) must be >= 0")
         if self.timeout_s <= 0:
             raise ValueError(f"data.timeout_s ({self.timeout_s}) must be > 0")
+
+    def _resolve_source(self) -> None:
+        if self.source == "auto":
+            if self.mix and self.path:
+                raise ValueError(
+                    f"data.path ({self.path!r}) and data.mix ({len(self.mix)} datasets) are both "
+                    "set: a run reads one of them; give the path as a data.mix entry, or drop "
+                    "data.mix"
+                )
+            self.source = "mix" if self.mix else "shards" if self.path else "corpus"
+            return
+        if self.source == "corpus" and self.path:
+            raise ValueError(
+                f"data.path ({self.path!r}) is set but data.source is 'corpus', which would "
+                "ignore it: set data.source=shards to train on the path, or leave data.source "
+                "unset (it then follows from data.path)"
+            )
+        if self.source != "mix" and self.mix:
+            raise ValueError(
+                f"data.mix ({len(self.mix)} datasets) is set but data.source is "
+                f"{self.source!r}, which would ignore it: set data.source=mix or leave it unset"
+            )
+        if self.source == "shards" and not self.path:
+            raise ValueError("data.path must be set when data.source is 'shards'")
+        if self.source == "mix":
+            if not self.mix:
+                raise ValueError(
+                    "data.mix must list at least one dataset when data.source is 'mix'"
+                )
+            if self.path:
+                raise ValueError(
+                    f"data.path ({self.path!r}) is set but data.source is 'mix', which reads "
+                    "the paths of data.mix: give it as a data.mix entry, or drop data.mix"
+                )
+
+    def _check_mix(self) -> None:
+        seen: set[str] = set()
+        for i, e in enumerate(self.mix):
+            where = f"data.mix[{i}]"
+            if not e.name:
+                raise ValueError(f"{where}.name must be set (it names the dataset in the metrics)")
+            if e.name in seen:
+                raise ValueError(f"{where}.name ({e.name!r}) is used twice in data.mix")
+            seen.add(e.name)
+            if not e.path:
+                raise ValueError(f"{where}.path must be set (dataset {e.name!r})")
+            if not (math.isfinite(e.weight) and e.weight > 0):
+                raise ValueError(
+                    f"{where}.weight ({e.weight}) must be a finite number > 0 (dataset {e.name!r})"
+                )
+            if e.epochs < 0:
+                raise ValueError(f"{where}.epochs ({e.epochs}) must be >= 0 (dataset {e.name!r})")
+
+    def _warn_ignored(self) -> None:
+        """Settings the resolved source does not read: a warning names each one set."""
+        defaults = {f.name: f.default for f in fields(DataConfig) if f.name not in ("mix",)}
+        if self.source == "corpus":
+            ignored = [
+                "shuffle_window",
+                "prefetch_depth",
+                "prefetch_batches",
+                "io_threads",
+                "coalesce",
+                "io",
+                "on_bad_shard",
+                "retries",
+                "backoff_s",
+                "timeout_s",
+                "endpoint_url",
+            ]
+        else:
+            ignored = ["corpus_max_bytes"]
+        if self.source == "mix":
+            # Each entry has its own epochs; data.epochs would be a second, unclear limit.
+            ignored.append("epochs")
+        for key in ignored:
+            if getattr(self, key) != defaults[key]:
+                warnings.warn(
+                    f"data.{key} ({getattr(self, key)!r}) is ignored: data.source is "
+                    f"{self.source!r}",
+                    stacklevel=3,
+                )

@@ -52,7 +52,9 @@ from dataloader.format import (
     decode_row_group,
     parse_footer,
 )
-from dataloader.storage import DataError, Storage, open_storage, with_retries
+from dataloader.storage import DataError, DataExhausted, Storage, open_storage, with_retries
+
+__all__ = ["DataExhausted", "GlobalOrder", "ShardError", "ShardSource"]
 
 Key = tuple[int, int]  # (shard index in the manifest, row group index)
 T = TypeVar("T")
@@ -60,10 +62,6 @@ T = TypeVar("T")
 
 class ShardError(DataError):
     """A shard that is missing, truncated, or does not match its manifest entry."""
-
-
-class DataExhausted(DataError):
-    """The configured epochs or token budget are used up."""
 
 
 class GlobalOrder:
@@ -193,6 +191,7 @@ class ShardSource:
         world_size: int,
         seed: int,
         storage: Storage | None = None,
+        prefetch: bool = True,
     ) -> None:
         self.cfg = cfg
         self.row_len = seq_len + 1
@@ -255,8 +254,10 @@ class ShardSource:
             groups * (max_group * self.row_len * stored + max_chunk)
             + (cfg.prefetch_batches + 1) * micro_batch_size * self.row_len * 8
         )
+        self._cache: OrderedDict[Key, np.ndarray | None] = OrderedDict()  # see read_samples
         # Reading starts now, so the first batches are ready by the time the model is built.
-        self._pf = _Prefetcher(self, self.cursor)
+        if prefetch:
+            self._pf = _Prefetcher(self, self.cursor)
 
     # ---- opening ----
 
@@ -518,6 +519,39 @@ class ShardSource:
             return rows[row % len(rows)]
         raise ShardError(f"data.path {self.cfg.path}: every row group is bad")
 
+    def read_samples(self, g: np.ndarray) -> np.ndarray:
+        """The rows [len(g), seq_len + 1] (int64) of global samples `g`, in this order.
+
+        A synchronous read for callers that own their order (a mixture, the evaluation
+        set): row groups are fetched through the same checked path as the prefetcher, the
+        missing ones of one call together, and the last `data.prefetch_depth` are kept for
+        the next call. Bad row groups follow `data.on_bad_shard` (substituted under skip).
+        """
+        plan = self.order.locate_many(np.asarray(g, dtype=np.int64))
+        need = sorted({k for _, k, _ in plan if k not in self._cache})
+        if need:
+            pool = ThreadPoolExecutor(self.cfg.io_threads, thread_name_prefix="moeyard-data-io")
+            try:
+                futs = {k: pool.submit(self.fetch_block, k) for k in need}
+                for k, fut in futs.items():
+                    self._cache[k] = self.block_or_none(fut, k)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        out = np.empty((len(plan), self.row_len), dtype=np.int64)
+        for j, (epoch, k, row) in enumerate(plan):
+            self._cache.move_to_end(k)
+            block = self._cache[k]
+            if block is None:
+                out[j] = self.substitute(epoch, k, row)
+                self.substituted_rows += 1
+            else:
+                out[j] = block[row]
+        while len(self._cache) > max(self.cfg.prefetch_depth, len({k for _, k, _ in plan})):
+            _, old = self._cache.popitem(last=False)
+            if old is not None:
+                self.release_block(old)
+        return out
+
     # ---- the TokenSource interface ----
 
     @property
@@ -597,6 +631,10 @@ class ShardSource:
 
     def close(self) -> None:
         self._stop_prefetch()
+        for block in self._cache.values():
+            if block is not None:
+                self.release_block(block)
+        self._cache.clear()
 
 
 _DONE = object()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dataloader.config import DataConfig
+from dataloader.storage import DataExhausted
 from dataloader.tokenizer import ByteTokenizer
 
 
@@ -55,6 +56,8 @@ class CorpusSource:
 
     Documents (files, in sorted path order) are separated by the end-of-document token and
     packed; the trailing partial row is dropped. Each epoch reshuffles the rows.
+    `data.epochs` and `data.token_budget` end it as they end the shard reader: at the first
+    micro-step whose global batch would pass the limit, `next_batch` raises DataExhausted.
     """
 
     def __init__(
@@ -76,6 +79,13 @@ class CorpusSource:
         self.seed = seed
         self.shuffle = cfg.shuffle
         self.rows = self._load_rows(cfg.corpus_max_bytes)
+        self.cfg = cfg
+        limits = []
+        if cfg.epochs:
+            limits.append(cfg.epochs * self.num_rows)
+        if cfg.token_budget:
+            limits.append(cfg.token_budget // seq_len)
+        self.limit: int | None = min(limits) if limits else None
         self.cursor = 0
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
@@ -118,6 +128,13 @@ class CorpusSource:
         return out
 
     def next_batch(self) -> torch.Tensor:
+        step = self.world_size * self.micro
+        if self.limit is not None and self.cursor + step > self.limit:
+            raise DataExhausted(
+                f"data.source corpus: the data limit (data.epochs={self.cfg.epochs}, "
+                f"data.token_budget={self.cfg.token_budget}) is reached at global sample "
+                f"{self.cursor} of {self.limit}"
+            )
         ids = self.row_ids(self.cursor + self.rank * self.micro, self.micro)
         self.cursor += self.world_size * self.micro
         return torch.from_numpy(self.rows[ids].astype(np.int64))
@@ -155,8 +172,12 @@ def build_source(
         from dataloader.reader import ShardSource
 
         cls = ShardSource
+    elif cfg.source == "mix":
+        from dataloader.mix import MixSource
+
+        cls = MixSource
     else:
-        raise ValueError(f"data.source ({cfg.source!r}) must be 'corpus' or 'shards'")
+        raise ValueError(f"data.source ({cfg.source!r}) must be 'corpus', 'shards' or 'mix'")
     return cls(
         cfg,
         seq_len=seq_len,

@@ -50,6 +50,10 @@ class DataError(RuntimeError):
     """A data problem a user can fix; the message names the URL."""
 
 
+class DataExhausted(DataError):
+    """The configured epochs or token budget are used up."""
+
+
 class StorageUnreachable(DataError):
     """A storage request kept failing after all retries."""
 
