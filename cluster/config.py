@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trainer.config import ConfigError, JobConfig, load_config
+from cluster.sizing import usable_sizes
+from trainer.config import ConfigError, JobConfig, grad_accum_for, load_config
 
 
 @dataclass
@@ -23,7 +24,8 @@ class ClusterConfig:
     # batch (grad_accum rises). 0: the run needs num_workers, always.
     min_workers: int = 0
     # keep: only sizes at which grad_accum can make up the full global batch. shrink: every
-    # multiple of parallel.ep; the global batch shrinks with the replicas.
+    # multiple of parallel.ep; the global batch shrinks with the replicas. A run with
+    # train.global_batch_size keeps that batch at every size (shrink is an error there).
     elastic_batch: Literal["keep", "shrink"] = "keep"
     # How often a running elastic group looks for room to grow back to a larger usable size.
     # Growing restarts the group from the newest checkpoint.
@@ -79,22 +81,23 @@ class LaunchConfig(JobConfig):
                 f"cluster.num_workers ({c.num_workers}) must be divisible by parallel.ep "
                 f"({self.parallel.ep})"
             )
-        if 0 < c.min_workers < c.num_workers:
-            from cluster.elastic import counts_for
-
-            if len(counts_for(self)) == 1:
-                keeps = (
-                    f" whose data-parallel degree divides the "
-                    f"{c.num_workers // self.parallel.ep * self.train.grad_accum} micro-batches "
-                    "of a full step (num_workers/ep x train.grad_accum; cluster.elastic_batch="
-                    "shrink drops this condition)"
-                    if c.elastic_batch == "keep"
-                    else ""
+        if self.train.global_batch_size:
+            if c.elastic_batch == "shrink":
+                raise ConfigError(
+                    f"cluster.elastic_batch=shrink lets the global batch shrink with the "
+                    f"replicas, but train.global_batch_size ({self.train.global_batch_size}) "
+                    "fixes it: drop one of them"
                 )
+            try:
+                grad_accum_for(self, c.num_workers)
+            except ConfigError as e:
+                raise ConfigError(f"cluster.num_workers ({c.num_workers}): {e}") from None
+        if 0 < c.min_workers < c.num_workers:
+            if len(self.usable_sizes()) == 1:
                 raise ConfigError(
                     f"cluster.min_workers ({c.min_workers}) allows no smaller size: between it "
                     f"and cluster.num_workers ({c.num_workers}) no worker count is a multiple "
-                    f"of parallel.ep ({self.parallel.ep}){keeps}"
+                    f"of parallel.ep ({self.parallel.ep}){self._keeps_clause()}"
                 )
             if c.max_failures == 0:
                 raise ConfigError(
@@ -117,6 +120,33 @@ class LaunchConfig(JobConfig):
             raise ConfigError("train.device is 'cuda' but cluster.use_gpu is false")
         if c.use_gpu and self.train.device == "cpu":
             raise ConfigError("train.device is 'cpu' but cluster.use_gpu is true")
+
+    def usable_sizes(self) -> list[int]:
+        """The worker counts this run may use, largest first (cluster/sizing.py)."""
+        c = self.cluster
+        return usable_sizes(
+            self,
+            num_workers=c.num_workers,
+            min_workers=c.min_workers,
+            keep_batch=c.elastic_batch == "keep",
+        )
+
+    def _keeps_clause(self) -> str:
+        """Why a multiple of parallel.ep may still not be usable, for an error message."""
+        c, t = self.cluster, self.train
+        if t.global_batch_size:
+            return (
+                f" over which the train.global_batch_size ({t.global_batch_size}) rows split "
+                f"into whole micro-batches of train.micro_batch_size ({t.micro_batch_size})"
+            )
+        if c.elastic_batch == "keep":
+            return (
+                f" whose data-parallel degree divides the "
+                f"{c.num_workers // self.parallel.ep * t.grad_accum} micro-batches "
+                "of a full step (num_workers/ep x train.grad_accum; cluster.elastic_batch="
+                "shrink drops this condition)"
+            )
+        return ""
 
     @property
     def backend(self) -> str:

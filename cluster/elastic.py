@@ -8,7 +8,8 @@ the same global batch.
 
 The worker counts a run may use are the multiples of parallel.ep between min_workers and
 num_workers at which the global batch (micro_batch_size x num_workers/ep x ep x grad_accum
-rows) can be kept by raising grad_accum: `worker_counts`. At DP = n/ep replicas the loop runs
+rows) can be kept by raising grad_accum (cluster/sizing.py; with train.global_batch_size set,
+that batch, at every size). At DP = n/ep replicas the loop runs
 grad_accum x (num_workers/n) micro-steps per step, so every optimizer step trains on the same
 global samples in the same order as the full-size run, and the loss curve goes on unchanged
 (to float summation order; the load-balancing aux loss is computed per micro-step over the
@@ -26,6 +27,10 @@ back) is resized at most every `cluster.resize_check_s` seconds; the restart res
 newest checkpoint, so steps after it are trained again (not counted as repeated samples: the
 sample ledger is restored with the checkpoint). With room for fewer than min_workers the run
 waits for nodes, saying so in the job's log once a minute.
+
+Who owns what: cluster/sizing.py decides which sizes are usable (arithmetic only), this
+module applies that decision to a running job (the per-size config, Ray Train's scaling
+policy), cluster/launch.py starts the job. Imports flow launch -> elastic -> config -> sizing.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from cluster.sizing import worker_capacity
+from trainer.config import grad_accum_for
+
 if TYPE_CHECKING:
     from cluster.config import LaunchConfig
 
@@ -44,37 +52,15 @@ if TYPE_CHECKING:
 WAIT_NOTICE_S = 60.0
 
 
-def worker_counts(
-    *, num_workers: int, min_workers: int, ep: int, grad_accum: int, keep_batch: bool = True
-) -> list[int]:
-    """The worker counts a run may use, largest first: multiples of `ep` from `min_workers`
-    (0: `num_workers` only) to `num_workers`; with `keep_batch`, only those whose replica
-    count divides the micro-batches of a full-size step (num_workers/ep x grad_accum), so the
-    global batch stays the same."""
-    if not min_workers or min_workers >= num_workers:
-        return [num_workers]
-    full = num_workers // ep * grad_accum  # micro-batches per replica-step at full size, x DP
-    return [
-        n
-        for n in range(num_workers, max(min_workers, 1) - 1, -1)
-        if n % ep == 0 and (not keep_batch or full % (n // ep) == 0)
-    ]
-
-
 def counts_for(cfg: LaunchConfig) -> list[int]:
-    """`worker_counts` of a run's config."""
-    c = cfg.cluster
-    return worker_counts(
-        num_workers=c.num_workers,
-        min_workers=c.min_workers,
-        ep=cfg.parallel.ep,
-        grad_accum=cfg.train.grad_accum,
-        keep_batch=c.elastic_batch == "keep",
-    )
+    """The worker counts a run may use, largest first (cluster/sizing.py)."""
+    return cfg.usable_sizes()
 
 
 def grad_accum_at(cfg: LaunchConfig, world_size: int) -> int:
-    """grad_accum that keeps the full-size global batch at `world_size` workers.
+    """grad_accum that keeps the run's global batch at `world_size` workers: the one
+    `train.global_batch_size` implies, else the full-size batch's (elastic_batch=keep), else
+    train.grad_accum as it is (elastic_batch=shrink).
 
     Raises:
         ValueError: `world_size` is not one of the run's worker counts.
@@ -87,6 +73,8 @@ def grad_accum_at(cfg: LaunchConfig, world_size: int) -> int:
             f"{c.num_workers}, cluster.min_workers={c.min_workers}, parallel.ep="
             f"{cfg.parallel.ep}): usable sizes are {counts}"
         )
+    if cfg.train.global_batch_size:
+        return grad_accum_for(cfg, world_size)
     if c.elastic_batch == "shrink":
         return cfg.train.grad_accum
     full_dp = c.num_workers // cfg.parallel.ep
@@ -95,11 +83,14 @@ def grad_accum_at(cfg: LaunchConfig, world_size: int) -> int:
 
 def at_size(cfg: LaunchConfig, world_size: int) -> LaunchConfig:
     """A copy of `cfg` for a worker group of `world_size`: grad_accum raised to keep the
-    global batch. The copy is what the loop trains with and what checkpoints record."""
-    if world_size == cfg.cluster.num_workers:
+    global batch (at every size, the full one included, when train.global_batch_size sets
+    it). The copy is what the loop trains with and what checkpoints record; `cfg` itself
+    when nothing changes."""
+    accum = grad_accum_at(cfg, world_size)
+    if accum == cfg.train.grad_accum:
         return cfg
     scaled = copy.deepcopy(cfg)
-    scaled.train.grad_accum = grad_accum_at(cfg, world_size)
+    scaled.train.grad_accum = accum
     return scaled
 
 
@@ -182,8 +173,6 @@ def scaling_policy(cfg: LaunchConfig, scaling_config: Any) -> Any:
 
     def live_room() -> int:
         import ray
-
-        from cluster.launch import worker_capacity
 
         alive = [n for n in ray.nodes() if n.get("Alive")]
         with ThreadPoolExecutor(max_workers=min(32, max(1, len(alive)))) as pool:

@@ -28,6 +28,7 @@ from cluster.config import LaunchConfig, load_launch_config
 from cluster.elastic import counts_for
 from cluster.elastic import describe as elastic_describe
 from cluster.placement import PlacementPlan, WorkerInfo
+from cluster.sizing import worker_capacity
 from trainer.config import ConfigError
 
 # Seconds between looks at the cluster while waiting for room for the workers.
@@ -90,25 +91,6 @@ def worker_resources(cfg: LaunchConfig) -> dict[str, float]:
     if cfg.cluster.use_gpu:
         res["GPU"] = 1.0
     return res
-
-
-def worker_capacity(
-    node_resources: list[dict[str, float]], per_worker: dict[str, float], strategy: str
-) -> int:
-    """How many workers of `per_worker` the nodes (their total resources) can hold at once
-    under a placement strategy. STRICT_PACK needs one node for all; STRICT_SPREAD one worker
-    per node; PACK and SPREAD may use every node fully."""
-    fits = [
-        min(int(res.get(k, 0.0) // v) for k, v in per_worker.items() if v > 0)
-        for res in node_resources
-    ]
-    if not fits:
-        return 0
-    if strategy == "STRICT_PACK":
-        return max(fits)
-    if strategy == "STRICT_SPREAD":
-        return sum(1 for f in fits if f > 0)
-    return sum(fits)
 
 
 def _is_local(url: str) -> bool:
@@ -306,8 +288,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and world != full.cluster.num_workers:
         rows = cfg.train.micro_batch_size * cfg.train.grad_accum
         how = (
-            f"train.grad_accum {full.train.grad_accum} -> {cfg.train.grad_accum} keeps the "
-            f"global batch at {rows * world} rows"
+            f"train.global_batch_size keeps the global batch at {rows * world} rows "
+            f"(train.grad_accum {cfg.train.grad_accum})"
+            if full.train.global_batch_size
+            else f"train.grad_accum {full.train.grad_accum} -> {cfg.train.grad_accum} keeps "
+            f"the global batch at {rows * world} rows"
             if full.cluster.elastic_batch == "keep"
             else f"the global batch shrinks to {rows * world} of "
             f"{rows * full.cluster.num_workers} rows (cluster.elastic_batch=shrink)"

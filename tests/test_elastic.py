@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import load_launch_config
-from cluster.elastic import at_size, counts_for, grad_accum_at, scaling_policy, worker_counts
-from trainer.config import ConfigError
+from cluster.elastic import at_size, counts_for, grad_accum_at, scaling_policy
+from cluster.sizing import worker_counts
+from trainer.config import ConfigError, grad_accum_for, load_config
 
 TINY = "infra/runs/tiny.yaml"
 
@@ -152,3 +153,75 @@ def test_policy_says_it_waits_below_the_smallest_size(monkeypatch, capsys) -> No
     nodes.append({"CPU": 3.0})
     decision = policy.make_decision_for_non_running_worker_group()
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 4
+
+
+@pytest.mark.parametrize(
+    ("gbs", "want"),
+    [
+        (64, [8, 4, 2]),  # 16 micro-batches of 4 rows: 6 ranks cannot share them evenly
+        (96, [8, 6, 4, 2]),  # 24 micro-batches: 6 ranks take 4 each
+    ],
+)
+def test_global_batch_size_holds_at_every_usable_size(gbs, want) -> None:
+    cfg = _cfg("cluster.num_workers=8", "cluster.min_workers=2", f"train.global_batch_size={gbs}")
+    mb = cfg.train.micro_batch_size
+    assert counts_for(cfg) == want
+    for n in want:
+        accum = grad_accum_at(cfg, n)
+        assert mb * accum * n == gbs
+        assert at_size(cfg, n).train.grad_accum == accum
+    # The full size too: the loop derives the same grad_accum from the same batch.
+    assert grad_accum_for(cfg, 8) == gbs // (mb * 8)
+    with pytest.raises(ValueError, match=r"5 workers is not a usable size"):
+        grad_accum_at(cfg, 5)
+
+
+def test_grad_accum_for_without_and_with_a_global_batch() -> None:
+    plain = load_config(TINY, ["train.grad_accum=3"])
+    assert [grad_accum_for(plain, n) for n in (1, 2, 4)] == [3, 3, 3]  # the batch grows
+    fixed = load_config(TINY, ["train.global_batch_size=32"])
+    assert [grad_accum_for(fixed, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    agreeing = load_config(TINY, ["train.global_batch_size=32", "train.grad_accum=4"])
+    assert grad_accum_for(agreeing, 2) == 4
+    with pytest.raises(ConfigError, match=r"train.grad_accum \(4\) disagrees .* 8 ranks\) = 1"):
+        grad_accum_for(agreeing, 8)
+    with pytest.raises(ConfigError, match=r"\(16 ranks\) = 64"):
+        grad_accum_for(fixed, 16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.global_batch_size=6"], r"multiple of train.micro_batch_size \(4\)"),
+        (["train.global_batch_size=-4"], r"train.global_batch_size \(-4\) must be 0"),
+        (
+            ["cluster.num_workers=4", "train.global_batch_size=24"],
+            r"cluster.num_workers \(4\): train.global_batch_size \(24\) must be divisible by "
+            r"train.micro_batch_size \(4\) x the data-parallel size \(4 ranks\) = 16",
+        ),
+        (
+            ["cluster.num_workers=2", "train.global_batch_size=32", "train.grad_accum=3"],
+            r"train.grad_accum \(3\) disagrees with train.global_batch_size \(32\)",
+        ),
+        (
+            ["train.global_batch_size=32", "cluster.min_workers=1", "cluster.elastic_batch=shrink"],
+            r"cluster.elastic_batch=shrink .* train.global_batch_size \(32\) fixes it",
+        ),
+        (
+            [
+                "parallel.ep=1",
+                "cluster.num_workers=4",
+                "cluster.min_workers=3",
+                "train.global_batch_size=16",
+            ],
+            r"allows no smaller size.*train.global_batch_size \(16\) rows split",
+        ),
+        (
+            ["parallel.world_size=4", "cluster.num_workers=4", "train.global_batch_size=8"],
+            r"train.global_batch_size \(8\) must be divisible .* \(4 ranks\) = 16",
+        ),
+    ],
+)
+def test_global_batch_size_errors_name_the_keys(overrides, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _cfg(*overrides)
