@@ -245,6 +245,10 @@ class TrainConfig:
     micro_batch_size: int = 4  # rows per rank per micro-step
     seq_len: int = 128
     grad_accum: int = 1
+    # Rows per optimizer step over all ranks; 0 = micro_batch_size x world size x
+    # grad_accum. Set, it holds at every world size and grad_accum follows from it
+    # (`grad_accum_for`): the same preset trains the same way on 1 rank and on 8.
+    global_batch_size: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -286,6 +290,12 @@ class TrainConfig:
         )
         for key in ("steps", "micro_batch_size", "seq_len", "grad_accum"):
             _require(getattr(self, key) >= 1, f"train.{key} ({getattr(self, key)}) must be >= 1")
+        _require(
+            self.global_batch_size >= 0 and self.global_batch_size % self.micro_batch_size == 0,
+            f"train.global_batch_size ({self.global_batch_size}) must be 0 (micro_batch_size "
+            f"x world size x grad_accum) or a multiple of train.micro_batch_size "
+            f"({self.micro_batch_size})",
+        )
         _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0")
         _require(
             0 <= self.min_lr_ratio <= 1,
@@ -398,6 +408,8 @@ class JobConfig:
                 f"faults.{key} holds step(s) {late} beyond train.steps ({self.train.steps}): "
                 "such a fault would never be injected",
             )
+        if self.parallel.world_size:
+            grad_accum_for(self, self.parallel.world_size)  # raises naming the keys
 
     def check_world(self, world_size: int) -> int:
         """Validates the layout against a world size and returns the data-parallel degree.
@@ -416,6 +428,37 @@ class JobConfig:
             f"world size ({world_size}) must be divisible by parallel.ep ({self.parallel.ep})",
         )
         return world_size // self.parallel.ep
+
+
+def grad_accum_for(cfg: JobConfig, world_size: int) -> int:
+    """The micro-steps per optimizer step on `world_size` ranks.
+
+    Every rank reads its own slice of the global batch, so the data-parallel size is the
+    world size: with `train.global_batch_size` set, grad_accum = global_batch_size /
+    (micro_batch_size x world_size); without it, `train.grad_accum` as given.
+
+    Raises:
+        ConfigError: the global batch does not split into whole micro-batches over the
+            ranks, or a `train.grad_accum` other than 1 disagrees with the derived one.
+    """
+    t = cfg.train
+    if not t.global_batch_size:
+        return t.grad_accum
+    rows = t.micro_batch_size * world_size  # one micro-step over all ranks
+    _require(
+        t.global_batch_size % rows == 0,
+        f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+        f"train.micro_batch_size ({t.micro_batch_size}) x the data-parallel size "
+        f"({world_size} ranks) = {rows}",
+    )
+    accum = t.global_batch_size // rows
+    _require(
+        t.grad_accum in (1, accum),
+        f"train.grad_accum ({t.grad_accum}) disagrees with train.global_batch_size "
+        f"({t.global_batch_size}) / (train.micro_batch_size ({t.micro_batch_size}) x "
+        f"{world_size} ranks) = {accum}; set only one of them",
+    )
+    return accum
 
 
 C = TypeVar("C", bound=JobConfig)
