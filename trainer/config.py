@@ -60,6 +60,9 @@ class MoEConfig:
     # per source rank and drops the overflow (counted in the metrics).
     capacity_factor: float = 0.0
 
+    # Which pairs an expert over capacity drops: its lowest-scoring ones ("score", as
+    # DeepSeek and Megatron do) or the last ones in token order ("token_order").
+    drop_policy: Literal["score", "token_order"] = "score"
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, f"model.moe.num_experts ({self.num_experts}) must be >= 1")
         _require(

@@ -1,20 +1,34 @@
 """Token dispatch: how (token, expert) pairs reach their experts and come back.
 
 Shape legend: T tokens on this rank, D model dim, K top-k, E experts in total, L experts on
-this rank (E / ep), P kept (token, expert) pairs sent by this rank, R pairs received by this
-rank's experts.
+this rank (E / ep), P = T * K (token, expert) pairs of this rank (token-major: pair
+p = t * K + k), S the same pairs sorted by expert, R rows received by this rank's experts.
 
 Two implementations behind one interface. `LocalDispatcher` (EP=1) sorts the pairs by expert
 and hands them to the grouped GEMM. `AllToAllDispatcher` (EP>1) sorts by global expert,
 exchanges per-expert counts, moves the rows with `all_to_all_single` through autograd-aware
 functional collectives, regroups them by local expert, and reverses all of it on the way
-back. Both combine in fp32, weighted by the routing scores. Model code calls a dispatcher and
-never holds a process group itself.
+back. Model code calls a dispatcher and never holds a process group itself.
+
+The token rows are copied once on the way in (one gather from tokens to expert-sorted rows)
+and once on the way out (one gather from expert-sorted rows back to token-major pairs, then
+a batched [1, K] x [K, D] product per token, in fp32). Each gather is a custom autograd
+function whose backward is again a gather through the inverse permutation (a sum over the
+K copies for the way in), so neither direction scatters with `index_add_`: the whole path
+is deterministic on CUDA, forward and backward, and needs no `train.deterministic` switch.
+
+Dropped pairs (capacity) carry the id E, sort last, and their rows are zeros in the forward;
+their gradients are masked to zero in the backward, so the rows the grouped GEMM leaves
+unwritten past its last offset (uninitialised memory) never reach a token's gradient.
+
+Host syncs: none at EP=1; one per layer at EP>1 (the split sizes, both directions, in one
+copy). `tests/test_moe_sync.py` counts them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,40 +39,146 @@ from torch import Tensor
 class DispatchMeta:
     """What combine needs from dispatch, handed over explicitly.
 
-    token_idx_P: source token of each kept pair, in expert-sorted order.
-    weights_P: fp32 combine weight of each kept pair, same order.
-    num_tokens: T, the rows of the output.
+    order_S: pair index of each expert-sorted row; pos_P: sorted row of each pair (its
+        inverse).
+    weights_TK: fp32 combine weights, 0 for dropped pairs.
+    keep_P: token-major mask of kept pairs; None when no pair can have been dropped.
     send_splits / recv_splits: rows sent to / received from each EP rank (all-to-all only).
-    regroup_P: permutation from source-major received rows to local-expert-major rows.
+    regroup_R / ungroup_R: source-major received rows -> local-expert-major and back.
     """
 
-    token_idx_P: Tensor
-    weights_P: Tensor
-    num_tokens: int
+    order_S: Tensor
+    pos_P: Tensor
+    weights_TK: Tensor
+    keep_P: Tensor | None
     send_splits: list[int] | None = None
     recv_splits: list[int] | None = None
     regroup_R: Tensor | None = None
+    ungroup_R: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.weights_TK.shape[0]
+
+
+def expert_counts(ids_TK: Tensor, num_bins: int) -> Tensor:
+    """Pairs per expert id in [0, num_bins) as int64 [num_bins], without a host sync.
+
+    `torch.bincount` sizes its output from the largest id, which costs a device-to-host copy
+    on CUDA; a scatter-add into a fixed-size tensor does not (and integer adds are exact in
+    any order).
+    """
+    flat_P = ids_TK.reshape(-1)
+    counts = torch.zeros(num_bins, dtype=torch.int64, device=flat_P.device)
+    return counts.scatter_add_(0, flat_P, torch.ones_like(flat_P))
 
 
 def sort_pairs(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Stable sort of the flattened (token, k) pairs by expert id.
 
-    Dropped pairs carry the id `num_experts` and sort last. Returns the pair order, the source
-    token of each sorted pair, and per-expert counts (dropped pairs not counted).
+    Dropped pairs carry the id `num_experts` and sort last. Returns order_S (pair of each
+    sorted row), pos_P (sorted row of each pair) and per-expert counts [E] (dropped pairs not
+    counted). No host sync.
     """
     flat_P = ids_TK.reshape(-1)
-    order_P = torch.argsort(flat_P, stable=True)
-    token_idx_P = order_P // ids_TK.shape[1]
-    counts_E = torch.bincount(flat_P, minlength=num_experts + 1)[:num_experts]
-    return order_P, token_idx_P, counts_E
+    order_S = torch.argsort(flat_P, stable=True)
+    pos_P = torch.empty_like(order_S)
+    pos_P[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    counts_E = expert_counts(ids_TK, num_experts + 1)[:num_experts]
+    return order_S, pos_P, counts_E
 
 
-def weighted_combine(y_PD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
-    """out[t] = sum over t's pairs of weight * expert output, accumulated in fp32."""
-    y_PD = y_PD.float() * meta.weights_P.unsqueeze(1)
-    out_TD = y_PD.new_zeros(meta.num_tokens, y_PD.shape[1])
-    out_TD.index_add_(0, meta.token_idx_P, y_PD)
+class _ReplicateRows(torch.autograd.Function):
+    """rows_S[s] = x_TD[order_S[s] // K], zero for dropped pairs.
+
+    Backward: grad_x[t] = sum over k of grad_rows[pos_P[t * K + k]] (a gather and a sum over
+    K, no scatter), with the dropped pairs' gradient rows masked out first.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x_TD: Tensor, order_S: Tensor, pos_P: Tensor, keep_P: Tensor | None, top_k: int
+    ) -> Tensor:
+        rows_SD = x_TD.index_select(0, order_S // top_k)
+        if keep_P is not None:
+            rows_SD.masked_fill_(~keep_P[order_S].unsqueeze(1), 0)
+        ctx.save_for_backward(pos_P, keep_P)
+        ctx.top_k = top_k
+        return rows_SD
+
+    @staticmethod
+    def backward(ctx: Any, grad_SD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        pos_P, keep_P = ctx.saved_tensors
+        g_PD = grad_SD.index_select(0, pos_P)
+        if keep_P is not None:
+            # masked_fill, not a multiply: the unwritten rows may hold NaN.
+            g_PD.masked_fill_(~keep_P.unsqueeze(1), 0)
+        grad_TD = g_PD.view(-1, ctx.top_k, g_PD.shape[1]).sum(1)
+        return grad_TD, None, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out[i] = x[idx[i]] for a permutation idx, rows outside keep zeroed; backward gathers
+    through the inverse permutation inv_idx."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, idx: Tensor, inv_idx: Tensor, keep: Tensor | None
+    ) -> Tensor:
+        out = x.index_select(0, idx)
+        if keep is not None:
+            out.masked_fill_(~keep.unsqueeze(1), 0)
+        ctx.save_for_backward(inv_idx, keep)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        inv_idx, keep = ctx.saved_tensors
+        if keep is not None:
+            grad = grad.masked_fill(~keep.unsqueeze(1), 0)
+        return grad.index_select(0, inv_idx), None, None, None
+
+
+def permute_rows(x: Tensor, idx: Tensor, inv_idx: Tensor, keep: Tensor | None = None) -> Tensor:
+    """x[idx] for a permutation `idx` whose inverse is `inv_idx`; rows where `keep` is False
+    are zeros (and get no gradient). The backward is a gather, not a scatter."""
+    return _PermuteRows.apply(x, idx, inv_idx, keep)
+
+
+def replicate_rows(
+    x_TD: Tensor, order_S: Tensor, pos_P: Tensor, keep_P: Tensor | None, top_k: int
+) -> Tensor:
+    """Each token's row once per pair, in expert-sorted order: [T * K, D] (see _ReplicateRows)."""
+    return _ReplicateRows.apply(x_TD, order_S, pos_P, keep_P, top_k)
+
+
+def weighted_combine(y_SD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
+    """out[t] = sum over t's pairs of weight * expert output, accumulated in fp32.
+
+    y_SD: expert outputs of all T * K pairs in expert-sorted order (rows of dropped pairs may
+    hold anything). One gather back to token-major order, then a batched [1, K] x [K, D]
+    product per token: no [T * K, D] weighted copy and no scatter-add. The rows are converted
+    to fp32 only when they are not fp32 already.
+    """
+    T, K = meta.weights_TK.shape
+    y_PD = permute_rows(y_SD, meta.pos_P, meta.order_S, meta.keep_P)
+    if y_PD.dtype != torch.float32:
+        y_PD = y_PD.float()
+    # bmm is on autocast's low-precision list; the combine stays fp32 by contract.
+    with torch.autocast(y_PD.device.type, enabled=False):
+        out_TD = torch.bmm(meta.weights_TK.unsqueeze(1), y_PD.view(T, K, -1)).squeeze(1)
     return out_TD.to(out_dtype)
+
+
+def _pairs(
+    ids_TK: Tensor, weights_TK: Tensor, num_experts: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """Sort the pairs; the keep mask is None when no id marks a drop (decided by the caller's
+    knowledge of capacity, never by reading the ids on the host)."""
+    order_S, pos_P, counts_E = sort_pairs(ids_TK, num_experts)
+    keep_P = ids_TK.reshape(-1) < num_experts
+    weights_TK = torch.where(keep_P.view_as(ids_TK), weights_TK.float(), 0.0)
+    return order_S, pos_P, counts_E, keep_P, weights_TK
 
 
 class TokenDispatcher:
@@ -69,11 +189,13 @@ class TokenDispatcher:
     expert_offset: int  # global id of this rank's first expert
 
     def dispatch(
-        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
+        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, *, may_drop: bool = True
     ) -> tuple[Tensor, Tensor, DispatchMeta]:
         """Returns rows grouped by local expert [R, D], rows per local expert [L], and meta.
 
-        ids_TK holds global expert ids; a pair with id num_experts is dropped.
+        ids_TK holds global expert ids; a pair with id num_experts is dropped (zero row, no
+        gradient). may_drop=False promises that no id is num_experts (dropless routing) and
+        skips the masks.
         """
         raise NotImplementedError
 
@@ -96,21 +218,17 @@ class LocalDispatcher(TokenDispatcher):
         self.batch_group = batch_group
 
     def dispatch(
-        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
+        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, *, may_drop: bool = True
     ) -> tuple[Tensor, Tensor, DispatchMeta]:
-        order_P, token_idx_P, counts_E = sort_pairs(ids_TK, self.num_experts)
-        weights_P = weights_TK.reshape(-1)[order_P].float()
-        # Dropped pairs sort last; their rows are gathered but get no expert and weight 0,
-        # so no host sync is needed to find how many were kept.
-        kept_P = ids_TK.reshape(-1)[order_P] < self.num_experts
-        weights_P = torch.where(kept_P, weights_P, 0.0)
-        meta = DispatchMeta(token_idx_P=token_idx_P, weights_P=weights_P, num_tokens=x_TD.shape[0])
-        return x_TD[token_idx_P], counts_E, meta
+        order_S, pos_P, counts_E, keep_P, w_TK = _pairs(ids_TK, weights_TK, self.num_experts)
+        keep_P = keep_P if may_drop else None
+        # Dropped pairs sort last: their rows stay in the buffer past the last offset, as
+        # zeros, so the count of kept pairs never has to reach the host.
+        rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
+        meta = DispatchMeta(order_S=order_S, pos_P=pos_P, weights_TK=w_TK, keep_P=keep_P)
+        return rows_SD, counts_E, meta
 
     def combine(self, y_RD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
-        # Rows past the last expert's offset are not written by the grouped GEMM: mask them
-        # rather than multiply, since uninitialised memory may hold NaN.
-        y_RD = torch.where(meta.weights_P.unsqueeze(1) != 0, y_RD, 0.0)
         return weighted_combine(y_RD, meta, out_dtype)
 
     def sum_over_batch(self, t: Tensor) -> Tensor:
@@ -119,6 +237,30 @@ class LocalDispatcher(TokenDispatcher):
         t = t.detach().clone()
         dist.all_reduce(t, group=self.batch_group)
         return t
+
+
+def regroup_indices(recv_counts_SL: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """Permutations between source-major received rows ([src][local expert]) and the
+    local-expert-major order the grouped GEMM wants ([local expert][src]).
+
+    recv_counts_SL: rows received from each source rank for each local expert [ep, L];
+    num_rows: their sum, known on the host (so `repeat_interleave` needs no sync). Returns
+    (regroup_R, ungroup_R): local_major = recv[regroup_R], recv = local_major[ungroup_R].
+    """
+    ep, L = recv_counts_SL.shape
+    dev = recv_counts_SL.device
+    flat_C = recv_counts_SL.reshape(-1)
+    src_start_C = torch.cumsum(flat_C, 0) - flat_C
+    counts_LS = recv_counts_SL.t().reshape(-1)
+    dst_start_C = (torch.cumsum(counts_LS, 0) - counts_LS).view(L, ep).t().reshape(-1)
+    chunk_R = torch.repeat_interleave(
+        torch.arange(ep * L, device=dev), flat_C, output_size=num_rows
+    )
+    # Received row r of chunk c lands at the same offset inside c's local-expert-major slot.
+    ungroup_R = torch.arange(num_rows, device=dev) - src_start_C[chunk_R] + dst_start_C[chunk_R]
+    regroup_R = torch.empty_like(ungroup_R)
+    regroup_R[ungroup_R] = torch.arange(num_rows, device=dev)
+    return regroup_R, ungroup_R
 
 
 class AllToAllDispatcher(TokenDispatcher):
@@ -142,54 +284,55 @@ class AllToAllDispatcher(TokenDispatcher):
         self.expert_offset = self.ep_rank * self.num_local_experts
 
     def dispatch(
-        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor
+        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, *, may_drop: bool = True
     ) -> tuple[Tensor, Tensor, DispatchMeta]:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
         ep, L = self.ep, self.num_local_experts
-        order_P, token_idx_P, counts_E = sort_pairs(ids_TK, self.num_experts)
-        send_counts_EL = counts_E.view(ep, L)
-        recv_counts_EL = torch.empty_like(send_counts_EL)
-        dist.all_to_all_single(recv_counts_EL, send_counts_EL, group=self.ep_group)
-        # Device-to-host sync: the split sizes of the all-to-all must be known on the host.
-        send_splits = send_counts_EL.sum(1).tolist()
-        recv_splits = recv_counts_EL.sum(1).tolist()
+        order_S, pos_P, counts_E, keep_P, w_TK = _pairs(ids_TK, weights_TK, self.num_experts)
+        keep_P = keep_P if may_drop else None
+        rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
+        send_counts_SL = counts_E.view(ep, L)
+        recv_counts_SL = torch.empty_like(send_counts_SL)
+        dist.all_to_all_single(recv_counts_SL, send_counts_SL, group=self.ep_group)
+        # The one device-to-host sync of the layer: both directions' split sizes in one copy.
+        splits = (
+            torch.cat([send_counts_SL.sum(1), recv_counts_SL.sum(1)]).to("cpu", copy=True).tolist()
+        )
+        send_splits, recv_splits = splits[:ep], splits[ep:]
         num_kept = sum(send_splits)
-        token_idx_P = token_idx_P[:num_kept]
-        weights_P = weights_TK.reshape(-1)[order_P[:num_kept]].float()
-
+        # Kept rows are a prefix of the sorted buffer: the view costs no copy.
+        send_SD = rows_SD if num_kept == rows_SD.shape[0] else rows_SD[:num_kept]
         x_recv_RD = all_to_all_single_autograd(
-            x_TD[token_idx_P], recv_splits, send_splits, group=self.ep_group
+            send_SD, recv_splits, send_splits, group=self.ep_group
         )
-        # Received rows are source-major ([src][local expert]); the grouped GEMM wants them
-        # local-expert-major ([local expert][src]).
-        chunk_R = torch.repeat_interleave(
-            torch.arange(ep * L, device=x_TD.device), recv_counts_EL.reshape(-1)
-        )
-        src_R, local_R = chunk_R // L, chunk_R % L
-        regroup_R = torch.argsort(local_R * ep + src_R, stable=True)
+        regroup_R, ungroup_R = regroup_indices(recv_counts_SL, sum(recv_splits))
         meta = DispatchMeta(
-            token_idx_P=token_idx_P,
-            weights_P=weights_P,
-            num_tokens=x_TD.shape[0],
+            order_S=order_S,
+            pos_P=pos_P,
+            weights_TK=w_TK,
+            keep_P=keep_P,
             send_splits=send_splits,
             recv_splits=recv_splits,
             regroup_R=regroup_R,
+            ungroup_R=ungroup_R,
         )
-        return x_recv_RD[regroup_R], recv_counts_EL.sum(0), meta
+        return permute_rows(x_recv_RD, regroup_R, ungroup_R), recv_counts_SL.sum(0), meta
 
     def combine(self, y_RD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-        assert meta.regroup_R is not None and meta.send_splits is not None
-        # Back to source-major order: one gather through the inverse permutation.
-        inverse_R = torch.empty_like(meta.regroup_R)
-        inverse_R[meta.regroup_R] = torch.arange(len(inverse_R), device=inverse_R.device)
-        y_src_RD = y_RD[inverse_R]
-        y_PD = all_to_all_single_autograd(
+        assert meta.regroup_R is not None and meta.ungroup_R is not None
+        assert meta.send_splits is not None and meta.recv_splits is not None
+        y_src_RD = permute_rows(y_RD, meta.ungroup_R, meta.regroup_R)
+        y_SD = all_to_all_single_autograd(
             y_src_RD, meta.send_splits, meta.recv_splits, group=self.ep_group
         )
-        return weighted_combine(y_PD, meta, out_dtype)
+        num_pairs = meta.pos_P.shape[0]
+        if y_SD.shape[0] < num_pairs:
+            # Dropped pairs were not sent; their rows come back as zeros (masked anyway).
+            y_SD = torch.cat([y_SD, y_SD.new_zeros(num_pairs - y_SD.shape[0], y_SD.shape[1])])
+        return weighted_combine(y_SD, meta, out_dtype)
 
     def sum_over_batch(self, t: Tensor) -> Tensor:
         t = t.detach().clone()

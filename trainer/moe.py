@@ -18,19 +18,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import MoEConfig
-from trainer.dispatch import LocalDispatcher, TokenDispatcher
+from trainer.dispatch import LocalDispatcher, TokenDispatcher, expert_counts
 
 
 @dataclass(frozen=True)
 class RouterOutput:
     ids_TK: Tensor  # chosen global expert ids
     weights_TK: Tensor  # fp32 combine weights
+    scores_TK: Tensor  # fp32 scores of the chosen experts (the affinity capacity drops by)
     scores_TE: Tensor  # fp32 scores (softmax or sigmoid) of every expert
     logits_TE: Tensor  # fp32 gate logits
 
 
 class Router(nn.Module):
-    """fp32 gate, softmax or sigmoid scores, optional group-limited top-k, selection bias."""
+    """fp32 gate, softmax or sigmoid scores, optional group-limited top-k, selection bias.
+
+    The gate runs outside autocast: `F.linear` is on autocast's low-precision list, so under
+    bf16 autocast even fp32 inputs would give bf16 logits, ties between experts would be
+    broken by index and the aux-loss-free bias steps (1e-3) would vanish below bf16's
+    resolution. Every tensor of `RouterOutput` is fp32 whatever the autocast state.
+    """
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -42,22 +49,24 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
         cfg = self.cfg
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
         select_TE = scores_TE.detach()
         if cfg.bias_update_rate > 0:
-            select_TE = select_TE + self.expert_bias
+            select_TE = select_TE + self.expert_bias.float()
         if cfg.n_group > 1:
             select_TE = self._limit_groups(select_TE)
         ids_TK = torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices
-        weights_TK = scores_TE.gather(1, ids_TK)
+        scores_TK = scores_TE.gather(1, ids_TK)
+        weights_TK = scores_TK
         if cfg.norm_topk_prob and cfg.top_k > 1:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * cfg.route_scale
-        return RouterOutput(ids_TK, weights_TK, scores_TE, logits_TE)
+        return RouterOutput(ids_TK, weights_TK, scores_TK.detach(), scores_TE, logits_TE)
 
     def _limit_groups(self, select_TE: Tensor) -> Tensor:
         """Masks every expert outside each token's topk_group best groups."""
@@ -192,16 +201,33 @@ class MoE(nn.Module):
         self.register_buffer("dropped", torch.zeros(()), persistent=False)
 
     def forward(self, x_BSD: Tensor) -> tuple[Tensor, MoELosses]:
+        """x_BSD [B, S, D] -> (output [B, S, D], losses).
+
+        May run twice per step under activation checkpointing (recompute inside backward);
+        the load counters `routed_E` and `dropped` count the first forward only. No
+        device-to-host sync at EP=1; the all-to-all dispatcher makes one (its split sizes).
+        """
         cfg = self.cfg
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         T = x_TD.shape[0]
         r = self.router(x_TD)
-        counts_E = torch.bincount(r.ids_TK.reshape(-1), minlength=cfg.num_experts)
+        counts_E = expert_counts(r.ids_TK, cfg.num_experts)
         ids_TK = r.ids_TK
-        if cfg.capacity_factor > 0:
-            ids_TK = drop_overflow(ids_TK, cfg.num_experts, capacity(T, cfg))
-            self.dropped += (ids_TK == cfg.num_experts).sum().detach()
-        self.routed_E += counts_E.detach()
+        drops = cfg.capacity_factor > 0
+        if drops:
+            ids_TK = drop_overflow(
+                ids_TK,
+                cfg.num_experts,
+                capacity(T, cfg),
+                scores_TK=r.scores_TK if cfg.drop_policy == "score" else None,
+            )
+        # Inside a backward pass (activation-checkpoint recompute) the graph task id is set;
+        # counting there would count the same tokens twice.
+        if torch._C._current_graph_task_id() == -1:
+            with torch.no_grad():
+                self.routed_E += counts_E
+                if drops:
+                    self.dropped += (ids_TK == cfg.num_experts).sum()
 
         zero = x_TD.new_zeros((), dtype=torch.float32)
         aux = zero
@@ -224,7 +250,7 @@ class MoE(nn.Module):
         dev = x_TD.device.type
         if torch.is_autocast_enabled(dev):
             x_TD = x_TD.to(torch.get_autocast_dtype(dev))
-        x_RD, counts_L, meta = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK)
+        x_RD, counts_L, meta = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK, may_drop=drops)
         y_RD = self.experts(x_RD, counts_L)
         out_TD = self.dispatcher.combine(y_RD, meta, x_BSD.dtype)
         if self.shared is not None:
@@ -245,14 +271,27 @@ def capacity(num_tokens: int, cfg: MoEConfig) -> int:
     return math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts)
 
 
-def drop_overflow(ids_TK: Tensor, num_experts: int, cap: int) -> Tensor:
-    """Marks pairs beyond each expert's capacity, in token order, with the id num_experts."""
+def drop_overflow(
+    ids_TK: Tensor, num_experts: int, cap: int, *, scores_TK: Tensor | None = None
+) -> Tensor:
+    """Marks the pairs beyond each expert's capacity `cap` with the id num_experts.
+
+    With scores_TK (the routing score of each pair) an expert keeps its `cap` highest-scoring
+    pairs and drops the lowest-affinity ones, as DeepSeek and Megatron do; ties keep token
+    order. Without scores it keeps the first `cap` pairs in token order
+    (`model.moe.drop_policy: token_order`). No host sync.
+    """
     flat_P = ids_TK.reshape(-1)
-    order_P = torch.argsort(flat_P, stable=True)
+    if scores_TK is None:
+        order_P = torch.argsort(flat_P, stable=True)
+    else:
+        # Two stable sorts make a lexicographic one: by expert, then by descending score.
+        by_score_P = torch.argsort(scores_TK.reshape(-1), descending=True, stable=True)
+        order_P = by_score_P[torch.argsort(flat_P[by_score_P], stable=True)]
     sorted_P = flat_P[order_P]
-    counts_E = torch.bincount(flat_P, minlength=num_experts)
+    counts_E = expert_counts(flat_P, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_P = torch.arange(flat_P.numel(), device=flat_P.device) - starts_E[sorted_P]
-    dropped_P = torch.zeros_like(flat_P, dtype=torch.bool)
+    dropped_P = torch.empty_like(flat_P, dtype=torch.bool)
     dropped_P[order_P] = rank_P >= cap
     return torch.where(dropped_P, num_experts, flat_P).view_as(ids_TK)
