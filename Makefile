@@ -1,5 +1,5 @@
 # The two commands of the README. Each does its own set-up on a fresh machine.
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint fresh-check
 
 setup:
 	bash scripts/setup.sh
@@ -12,3 +12,7 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+# What CI cannot check: a fresh clone, a clean HOME, Ray's temp dir not there yet.
+fresh-check:
+	bash scripts/fresh_check.sh

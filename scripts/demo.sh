@@ -113,3 +113,9 @@ print(f"   checkpoints: {dst}/checkpoints/")
 print(f"   placement:   {dst}/placement.json   summary: {dst}/summary.json")
 print(f"   (written by the job to {src}, copied here before the local endpoint stops)")
 EOF
+
+echo "== moeyard report $out"
+moeyard report "$out"
+echo "== what to look at next"
+echo "   the report:   $out/report/ (report.json and the PNG plots of the run)"
+echo "   the ops page: moeyard dashboard serve $out   then open http://127.0.0.1:8765/"
