@@ -225,3 +225,31 @@ def test_grad_accum_for_without_and_with_a_global_batch() -> None:
 def test_global_batch_size_errors_name_the_keys(overrides, match) -> None:
     with pytest.raises(ConfigError, match=match):
         _cfg(*overrides)
+
+
+def _losses_at(rank: int, world: int, overrides: list[str]) -> tuple[list[float], int, int]:
+    """trainer.loop.run on a gloo rank: the loss curve, grad_accum as resolved, tokens."""
+    from trainer.loop import run
+
+    cfg = load_config(TINY, overrides)
+    summary = run(cfg, local_rank=rank)
+    return summary.losses, cfg.train.grad_accum, summary.tokens
+
+
+@pytest.mark.slow
+def test_global_batch_size_gives_one_loss_curve_at_world_1_and_2(tmp_path) -> None:
+    from tests.distributed import run_ranks
+
+    # EP 1 so that both sizes hold every expert on every rank: only the world size differs.
+    common = ["train.steps=10", "parallel.ep=1", "checkpoint.every=0", "train.global_batch_size=16"]
+    (one,) = run_ranks(_losses_at, 1, [*common, f"run.output_dir={tmp_path / 'w1'}"])
+    two = run_ranks(_losses_at, 2, [*common, f"run.output_dir={tmp_path / 'w2'}"])
+    assert one[1] == 4 and two[0][1] == 2  # 16 rows: 4 micro-steps of 4 rows, or 2 x 2 ranks
+    assert one[2] == two[0][2] == 10 * 16 * 64  # steps x rows x seq_len
+    assert len(one[0]) == 10
+    assert two[0][0] == two[1][0]
+    assert one[0] == pytest.approx(two[0][0], rel=1e-4)
+    # Without it the batch grows with the world, and so the curve differs.
+    plain = [*common[:-1], "train.grad_accum=4"]
+    grown = run_ranks(_losses_at, 2, [*plain, f"run.output_dir={tmp_path / 'g2'}"])
+    assert grown[0][0] != pytest.approx(one[0], rel=1e-4)
