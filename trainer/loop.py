@@ -28,7 +28,7 @@ from ops.sinks import JsonlSink, MetricSink, StdoutSink
 from ops.telemetry import Telemetry
 from trainer.accounting import AccountedSource
 from trainer.checkpoint import Checkpointer, CheckpointHook
-from trainer.config import ConfigError, JobConfig, to_yaml
+from trainer.config import ConfigError, JobConfig, grad_accum_for, to_yaml
 from trainer.fault_hook import LossFaults
 from trainer.flops import flops_per_token
 from trainer.guard import LossGuard, TrainingDiverged
@@ -114,6 +114,10 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
         backend=cfg.parallel.backend, device=device, timeout_s=cfg.parallel.timeout_s
     )
     cfg.check_world(world)
+    # train.global_batch_size fixes the micro-steps at this world size; resolved once into
+    # the config, so that everything downstream (tokens per step, the sample accounting,
+    # the checkpointed config) sees the derived value.
+    cfg.train.grad_accum = grad_accum_for(cfg, world)
     mesh = build_mesh(
         world_size=world, rank=rank, ep=cfg.parallel.ep, timeout_s=cfg.parallel.timeout_s
     )
