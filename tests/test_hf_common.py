@@ -1,0 +1,109 @@
+"""Helpers the Hugging Face tests share (no tests here): tiny moeyard configs shaped like
+Mixtral and DeepSeek-V2, weights drawn large enough that a scrambled expert or rotary row
+moves the logits far past the tolerance, single-process checkpoints, and transformers'
+logits."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+from trainer.checkpoint import model_state
+from trainer.config import JobConfig, MLAConfig, ModelConfig, MoEConfig, TrainConfig, to_yaml
+from trainer.model import Transformer, build_model, materialize
+from trainer.moe import GroupedExperts
+
+
+def mixtral_cfg(**moe: Any) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=96,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=64,
+        rope_theta=1e4,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16, norm_topk_prob=True, **moe),
+    )
+
+
+def deepseek_cfg(q_lora_rank: int = 12) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=96,
+        dim=32,
+        num_layers=3,
+        num_heads=4,
+        attention="mla",
+        mla=MLAConfig(
+            kv_lora_rank=8,
+            q_lora_rank=q_lora_rank,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+        ),
+        max_seq_len=64,
+        norm_eps=1e-6,
+        num_dense_layers=1,
+        dense_hidden=48,
+        moe=MoEConfig(
+            num_experts=8,
+            top_k=3,
+            expert_hidden=16,
+            num_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            route_scale=2.5,
+        ),
+    )
+
+
+@torch.no_grad()
+def scramble(model: Transformer, seed: int) -> Transformer:
+    """Draws every weight at ~unit gain (norms around 1, routers sharp), so that the
+    logits depend strongly on every tensor: a swapped expert or rotary row shows."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g))
+            continue
+        fan_in = (
+            p.shape[-2]
+            if name.endswith(("experts.w1", "experts.w3", "experts.w2"))
+            else p.shape[-1]
+        )
+        gain = 3.0 if "router" in name else 1.0
+        p.copy_(torch.empty(p.shape).normal_(0.0, gain / math.sqrt(fan_in), generator=g))
+    return model
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    return scramble(materialize(build_model(cfg), device=torch.device("cpu"), seed=seed), seed)
+
+
+def job(cfg: ModelConfig, **sections: Any) -> JobConfig:
+    sections.setdefault("train", TrainConfig(seq_len=min(32, cfg.max_seq_len)))
+    return JobConfig(model=cfg, **sections)
+
+
+def write_checkpoint(model: Transformer, url: str, config: JobConfig | None = None) -> str:
+    """A one-process moeyard checkpoint of `model` (model weights and the config)."""
+    sd: dict[str, Any] = dict(model_state(model))
+    sd["meta.config"] = to_yaml(config if config is not None else job(model.cfg))
+    dcp.save(sd, storage_writer=FsspecWriter(url), no_dist=True)
+    return url
+
+
+def hf_logits(path: str, tokens_BS: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(input_ids=tokens_BS).logits
+
+
+def experts_of(model: Transformer) -> list[GroupedExperts]:
+    return [m.experts for m in model.moe_layers()]
