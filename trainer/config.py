@@ -320,8 +320,20 @@ class CheckpointConfig:
     # in between; then the run fails with the last error.
     retries: int = 3
     backoff_s: float = 2.0
+    # A new run's weights (not its optimizer state or step) from a transformers checkpoint
+    # directory or a moeyard checkpoint, any URL; resume still wins when run.output_dir
+    # holds a checkpoint (trainer/init_from.py).
+    init_from: str = ""
+    # With init_from a dense Llama/Mistral/Qwen2-style checkpoint: build the MoE from it
+    # (sparse upcycling, trainer/init_from.py).
+    upcycle: bool = False
 
     def __post_init__(self) -> None:
+        _require(
+            not self.upcycle or bool(self.init_from),
+            "checkpoint.upcycle=true needs checkpoint.init_from (the dense checkpoint to "
+            "upcycle)",
+        )
         _require(self.every >= 0, f"checkpoint.every ({self.every}) must be >= 0")
         _require(self.keep_last >= 1, f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
         _require(self.keep_every >= 0, f"checkpoint.keep_every ({self.keep_every}) must be >= 0")
