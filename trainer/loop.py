@@ -139,6 +139,14 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
     model = build_model(cfg.model)
     parallelize(model, mesh)
     materialize(model, device=device, seed=cfg.train.seed)
+    if cfg.checkpoint.init_from:
+        from trainer.init_from import init_from
+
+        # Before the optimizer exists and before resume, which wins when output_dir holds
+        # a checkpoint (init_from then reads nothing).
+        init_from(
+            model, cfg.checkpoint, output_dir=cfg.run.output_dir, seed=cfg.train.seed, rank=rank
+        )
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     guard = (
