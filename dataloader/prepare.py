@@ -6,6 +6,12 @@ fsspec URL; `.gz`/`.bz2`/`.xz`/`.zst` text and JSONL are decompressed by suffix.
 are tokenized, each followed by the end-of-document token, concatenated in input order and
 packed into rows of `seq_len + 1` tokens (see dataloader/format.py).
 
+`--val-fraction F` holds documents out for validation: document i (0-based, in input order;
+a text file is one document) goes to the held-out split when floor((i + 1) * F) > floor(i *
+F), so exactly floor(n * F) of n documents, spread evenly, the same on every run. The split
+is its own dataset in `OUT/val` (manifest and shards), beside the training shards, and
+`eval.path` defaults to it; no row ever holds tokens of both splits.
+
 The manifest is written last, so an interrupted run never leaves a dataset that looks
 complete; running the same command again rebuilds it (tokenization is deterministic) and
 removes the shards the interrupted run left behind.
@@ -29,6 +35,12 @@ from dataloader.tokenizer import HFTokenizer, load_tokenizer
 
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 TEXT_BLOCK = 8 << 20  # text files are tokenized in blocks of this many bytes, cut at newlines
+VAL_DIR = "val"  # the held-out split's dataset, under the training dataset's root
+
+
+def is_val_document(i: int, fraction: float) -> bool:
+    """Whether document i (0-based, input order) is held out at `fraction`."""
+    return int((i + 1) * fraction) > int(i * fraction)
 
 
 @dataclass(frozen=True)
@@ -190,15 +202,20 @@ def prepare(
     compression: str = "zstd",
     overwrite: bool = False,
     progress: bool = True,
+    val_fraction: float = 0.0,
 ) -> dict:
-    """Tokenizes `inputs` into a dataset at `out`; returns the manifest as a dict.
+    """Tokenizes `inputs` into a dataset at `out`; returns the manifest as a dict (with
+    `val`, the held-out split's manifest, when `val_fraction` > 0).
 
     Raises:
         FileExistsError: `out` already holds a complete dataset and `overwrite` is False.
-        FileNotFoundError, ValueError: a bad input, named in the message.
+        FileNotFoundError, ValueError: a bad input, named in the message; a val_fraction
+            outside [0, 1); a held-out split with no whole row.
     """
     if seq_len < 1:
         raise ValueError(f"--seq-len ({seq_len}) must be >= 1")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction ({val_fraction}) must be in [0, 1)")
     tok = load_tokenizer(tokenizer, eod_token=eod_token)
     desc = tok.describe()
     row_bytes = (seq_len + 1) * np.dtype(token_dtype(tok.vocab_size)).itemsize
@@ -212,40 +229,82 @@ def prepare(
         rows_per_shard=rps,
         compression=compression,
     )
-    if writer.manifest_exists():
+    val_writer = (
+        DatasetWriter(
+            out.rstrip("/") + "/" + VAL_DIR,
+            seq_len=seq_len,
+            tokenizer=desc,
+            rows_per_group=rpg,
+            rows_per_shard=rps,
+            compression=compression,
+        )
+        if val_fraction > 0
+        else None
+    )
+    for w in (writer, val_writer):
+        if w is None or not w.manifest_exists():
+            continue
         if not overwrite:
             raise FileExistsError(
-                f"{out} already holds a complete dataset (manifest.json); pass --overwrite to "
+                f"{w.url} already holds a complete dataset (manifest.json); pass --overwrite to "
                 "rebuild it"
             )
-        writer.fs.rm_file(writer.root + "/manifest.json")
+        w.fs.rm_file(w.root + "/manifest.json")
     files = list_inputs(inputs)
     bar = Progress(sum(f.size for f in files), enabled=progress)
     eod = np.array([tok.eod_id], dtype=np.int32)
+    doc_index = 0
+    target = writer
+    batches: dict[int, list[str]] = {id(writer): [], id(val_writer): []}
+
+    def pick() -> DatasetWriter:
+        nonlocal doc_index
+        held_out = val_writer is not None and is_val_document(doc_index, val_fraction)
+        doc_index += 1
+        return val_writer if held_out and val_writer is not None else writer
+
     for inp in files:
-        batch: list[str] = []
+        in_text = False  # inside a text file's parts: the document was placed at its start
         for doc in iter_documents(inp, text_field=text_field, progress=bar):
             if isinstance(doc, _Part):
+                if not in_text:
+                    target, in_text = pick(), True
                 if doc is _END:
-                    writer.add(eod)
+                    target.add(eod)
+                    in_text = False
                 else:
-                    _emit(writer, bar, tok.encode(bytes(doc)))
+                    _emit(target, bar, tok.encode(bytes(doc)))
                 continue
+            w = pick()
             if isinstance(tok, HFTokenizer):
                 # Batches amortize the Rust tokenizer's per-call cost.
+                batch = batches[id(w)]
                 batch.append(doc if isinstance(doc, str) else doc.decode("utf-8", "replace"))
                 if len(batch) >= 256:
-                    _emit_batch(writer, bar, tok, batch, eod)
-                    batch = []
+                    _emit_batch(w, bar, tok, batch, eod)
+                    batch.clear()
             else:
-                _emit(writer, bar, np.concatenate([tok.encode(doc), eod]))
-        if batch:
-            _emit_batch(writer, bar, tok, batch, eod)
+                _emit(w, bar, np.concatenate([tok.encode(doc), eod]))
+        for w in (writer, val_writer):
+            if w is not None and batches[id(w)]:
+                _emit_batch(w, bar, tok, batches[id(w)], eod)
+                batches[id(w)].clear()
         bar.shards = len(writer.manifest.shards)
+    if val_writer is not None and doc_index * val_fraction < 1:
+        raise ValueError(
+            f"--val-fraction {val_fraction} of {doc_index} documents holds out none; raise it "
+            "or give more documents"
+        )
     manifest = writer.finish()
+    result = json.loads(manifest.to_json())
+    if val_writer is not None:
+        try:
+            result["val"] = json.loads(val_writer.finish().to_json())
+        except ValueError as e:
+            raise ValueError(f"the held-out split ({VAL_DIR}/): {e}") from None
     bar.shards = len(manifest.shards)
     bar.show(final=True)
-    return json.loads(manifest.to_json())
+    return result
 
 
 def _emit(writer: DatasetWriter, bar: Progress, ids: np.ndarray) -> None:
@@ -285,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compression", default="zstd", choices=["zstd", "snappy", "none"])
     p.add_argument("--overwrite", action="store_true", help="rebuild a complete dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="documents held out for validation, written to OUT/val (0 = none)",
+    )
     args = p.parse_args(argv)
     try:
         m = prepare(
@@ -300,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             compression=args.compression,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            val_fraction=args.val_fraction,
         )
     except (FileExistsError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"moeyard prepare: {e}", file=sys.stderr)
@@ -309,4 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({m['num_tokens']:,} tokens) to {args.out}",
         flush=True,
     )
+    if "val" in m:
+        v = m["val"]
+        print(
+            f"held out {v['num_rows']:,} rows ({v['num_tokens']:,} tokens) for validation in "
+            f"{args.out.rstrip('/')}/{VAL_DIR}",
+            flush=True,
+        )
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -385,6 +386,51 @@ class FaultsConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation (trainer/evaluate.py): the loss on held-out data every `every` steps.
+
+    The evaluation set is the first `steps` x `batch_size` rows of the prepared dataset at
+    `path`, in file order: the same fixed batches every time and at every world size (the
+    ranks split each batch; the loss is summed over all its tokens).
+    """
+
+    every: int = 0  # steps between evaluations; 0 = off
+    # A prepared dataset (any fsspec URL); empty = `data.path`/val, the split `moeyard
+    # prepare --val-fraction` writes, when data.source is shards.
+    path: str = ""
+    steps: int = 10  # batches per evaluation
+    batch_size: int = 8  # rows per batch, over all ranks (at least one per rank)
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, f"eval.every ({self.every}) must be >= 0 (0 = off)")
+        _require(self.steps >= 1, f"eval.steps ({self.steps}) must be >= 1")
+        _require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (trainer/distill.py): the loss is (1 - alpha) x next-token
+    cross-entropy + alpha x T^2 x KL(teacher || student) at temperature T, on the same batch.
+    """
+
+    # An exported moeyard checkpoint (`moeyard export`: model.safetensors + config.yaml),
+    # any fsspec URL; empty = no distillation.
+    teacher: str = ""
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(
+            math.isfinite(self.alpha) and 0 <= self.alpha <= 1,
+            f"distill.alpha ({self.alpha}) must be in [0, 1]",
+        )
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            f"distill.temperature ({self.temperature}) must be a finite number > 0",
+        )
+
+
+@dataclass
 class RunConfig:
     name: str = "moeyard"
     output_dir: str = "runs/moeyard"  # any fsspec URL: s3://..., file://..., a local path
@@ -405,8 +451,11 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
+        self._check_eval_and_distill()
         _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
@@ -425,6 +474,27 @@ class JobConfig:
             )
         if self.parallel.world_size:
             grad_accum_for(self, self.parallel.world_size)  # raises naming the keys
+
+    def _check_eval_and_distill(self) -> None:
+        ev = self.eval
+        if ev.every and not ev.path:
+            _require(
+                self.data.source == "shards",
+                f"eval.every ({ev.every}) needs eval.path: it defaults to data.path/val only "
+                f"when data.source is 'shards' (it is {self.data.source!r})",
+            )
+            ev.path = self.data.path.rstrip("/") + "/val"
+        if not ev.every and ev.path:
+            warnings.warn(
+                f"eval.path ({ev.path!r}) is ignored: eval.every is 0 (off)", stacklevel=3
+            )
+        d = self.distill
+        if not d.teacher and (d.alpha, d.temperature) != (0.5, 1.0):
+            warnings.warn(
+                f"distill.alpha ({d.alpha}) and distill.temperature ({d.temperature}) are ignored: "
+                "distill.teacher is empty (no distillation)",
+                stacklevel=3,
+            )
 
     def check_world(self, world_size: int) -> int:
         """Validates the layout against a world size and returns the data-parallel degree.

@@ -26,6 +26,7 @@ from dataloader.source import build_source
 from ops.prometheus import build_prometheus_sink
 from ops.sinks import JsonlSink, MetricSink, StdoutSink
 from ops.telemetry import Telemetry
+from trainer import distill, evaluate
 from trainer.accounting import AccountedSource
 from trainer.checkpoint import Checkpointer, CheckpointHook
 from trainer.config import ConfigError, JobConfig, grad_accum_for, to_yaml
@@ -38,6 +39,9 @@ from trainer.moe import MoE
 from trainer.parallelize import clip_grad_norm_, parallelize, sync_gradients
 from trainer.resilience import CollectiveWatch, Preemption
 from trainer.run_state import RunState
+
+# The validation figures of this step, until log_step puts them in its record.
+VAL_RECORD_KEY = "val_record"
 
 
 @dataclass
@@ -157,7 +161,11 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
     faults = LossFaults(
         cfg.faults, output_dir=cfg.run.output_dir, rank=rank, resume=cfg.checkpoint.resume
     )
-    return RunState(cfg, mesh, device, model, optimizer, scheduler, source, guard, faults=faults)
+    state = RunState(cfg, mesh, device, model, optimizer, scheduler, source, guard, faults=faults)
+    # eval.* and distill.*: the evaluation set and the teacher, in state.extra.
+    evaluate.attach(state)
+    distill.attach(state)
+    return state
 
 
 def expert_load_stats(load_LE: torch.Tensor, dropped_L: torch.Tensor) -> list[dict[str, Any]]:
@@ -243,6 +251,8 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     lm_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
     z_sum = torch.zeros((), device=device)
+    kl_sum = torch.zeros((), device=device)
+    distiller: distill.Distiller | None = state.extra.get(distill.DISTILLER_KEY)
     wait = 0.0
     # A loss fault the config asks for at this step (first pass only), or None.
     fault = state.faults.take(state.step + 1) if state.faults is not None else None
@@ -257,7 +267,12 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
             lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
             if fault is not None:
                 lm = lm * fault  # before backward: the gradients follow, as in a real one
-            loss = (lm + out.aux_loss + out.z_loss) / accum
+            objective = lm
+            if distiller is not None:
+                # (1 - alpha) CE + alpha T^2 KL(teacher || student), on the same inputs.
+                objective, kl = distiller.loss(inputs, out.logits, lm)
+                kl_sum += kl.detach()
+            loss = (objective + out.aux_loss + out.z_loss) / accum
             loss.backward()
         lm_sum += lm.detach()
         aux_sum += out.aux_loss.detach()
@@ -312,6 +327,8 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         metrics["load_LE"] = load_LE
         metrics["dropped_L"] = packed[3 + len(moes) * E : -1]
     metrics["preempt"] = packed[-1] > 0
+    if distiller is not None:
+        metrics["distill_kl"] = distiller.reduce(kl_sum / accum, state.mesh)
     metrics["lr"] = torch.tensor(lr)
     metrics["data_wait_s"] = torch.tensor(wait)
     state.step += 1
@@ -511,6 +528,11 @@ def log_step(state: RunState, session: Session, m: dict[str, torch.Tensor]) -> N
         record["step_skipped"] = bool(m["skipped"])
     if state.faults is not None and state.faults.active:
         record["faults_injected"] = state.faults.count
+    if "distill_kl" in m:
+        record["distill_kl"] = m["distill_kl"].item()
+        alpha = state.cfg.distill.alpha
+        record["distill_loss"] = (1 - alpha) * lm + alpha * record["distill_kl"]
+    record.update(state.extra.pop(VAL_RECORD_KEY, {}))
     record.update(state.source.metrics())
     if "load_LE" in m:
         record["moe"] = expert_load_stats(m["load_LE"].cpu(), m["dropped_L"].cpu())
@@ -570,7 +592,12 @@ def train(state: RunState, session: Session) -> None:
             break
         session.steps_window += 1
         session.wait_window += float(m["data_wait_s"])  # a host tensor: no device sync
-        if state.step % cfg.run.log_every == 0 or state.step == cfg.train.steps:
+        val = evaluate.maybe_evaluate(state)
+        if val is not None:
+            # An evaluation step is logged, with its figures; its time is not step time.
+            session.t_window += val["val_time_s"]
+            state.extra[VAL_RECORD_KEY] = val
+        if state.step % cfg.run.log_every == 0 or state.step == cfg.train.steps or val:
             log_step(state, session, m)
         ckpt.maybe_save(state, session.last_record, final_step=cfg.train.steps)
         # Ranks stop on the flag they agreed on in the step's all-reduce, never on their
