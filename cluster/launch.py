@@ -17,6 +17,7 @@ registered with Ray in place (`NO_UPLOAD`), never copied.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -29,6 +30,7 @@ from cluster.elastic import counts_for
 from cluster.elastic import describe as elastic_describe
 from cluster.placement import PlacementPlan, WorkerInfo
 from cluster.sizing import worker_capacity
+from ops.sinks import MetricSink
 from trainer.config import ConfigError
 
 # Seconds between looks at the cluster while waiting for room for the workers.
@@ -192,9 +194,11 @@ class FailurePolicy:
         self.max_failures = cfg.cluster.max_failures
 
     def failure_config(self) -> Any:
-        import ray.train
+        # Train V2's classes by their own module: `ray.train` re-exports them only when V2 is
+        # on (the default, which moeyard needs), so a type checker would see V1's there.
+        from ray.train.v2.api.config import FailureConfig
 
-        return ray.train.FailureConfig(
+        return FailureConfig(
             max_failures=self.max_failures,
             controller_failure_limit=self.max_failures,
         )
@@ -225,7 +229,8 @@ def _restart_counter() -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return RestartCounter.options(scheduling_strategy=here).remote()
+    # ray.remote's annotations give back the class itself, not the actor class it makes.
+    return RestartCounter.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
 
 
 class TaggedSink:
@@ -318,7 +323,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             print(f"warning: placement: {w}", flush=True)
 
     gpu_uuid = device_identity(torch.device("cuda", local_rank))[0] if use_gpu else None
-    sinks = [
+    sinks: list[MetricSink] = [
         TaggedSink(s, {"restarts": restarts, "workers": world})
         for s in make_sinks(cfg, rank, local_rank=local_rank, gpu_uuid=gpu_uuid)
     ]
@@ -362,18 +367,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 def make_trainer(elastic_cfg: LaunchConfig | None, *args: Any, **kwargs: Any) -> Any:
     """A Ray Train `TorchTrainer`; for an elastic run (`elastic_cfg`), one whose scaling
     policy starts only worker counts the run can use (cluster/elastic.py)."""
-    from ray.train.torch import TorchTrainer
+    # What `ray.train.torch.TorchTrainer` is with Train V2 on, by its own module (see
+    # FailurePolicy.failure_config).
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     if elastic_cfg is None:
         return TorchTrainer(*args, **kwargs)
 
     from cluster.elastic import scaling_policy
 
+    cfg = elastic_cfg
+
     class ElasticTrainer(TorchTrainer):
         def _initialize_and_run_controller(self, **kw: Any) -> Any:
             # Ray Train builds its own elastic policy from the ScalingConfig; this one
             # differs only in rounding the worker count down to a usable size.
-            kw["scaling_policy"] = scaling_policy(elastic_cfg, self.scaling_config)
+            kw["scaling_policy"] = scaling_policy(cfg, self.scaling_config)
             return super()._initialize_and_run_controller(**kw)
 
     return ElasticTrainer(*args, **kwargs)
@@ -407,7 +416,7 @@ class JobController:
         if ray.is_initialized() and ray.get_runtime_context().gcs_address != address:
             ray.shutdown()  # joined to another cluster earlier in this process
         if not ray.is_initialized():
-            ray.init(address=address, logging_level="WARNING", configure_logging=True)
+            ray.init(address=address, logging_level=logging.WARNING, configure_logging=True)
         return address
 
     def wait_for_room(self) -> None:
@@ -455,8 +464,8 @@ class JobController:
             time.sleep(_POLL_S)
 
     def trainer(self) -> Any:
-        import ray.train
         from ray.train.torch import TorchConfig
+        from ray.train.v2.api.config import RunConfig, ScalingConfig  # see failure_config
 
         cfg, c = self.cfg, self.cfg.cluster
         # Ray Train's own wait for the worker group's placement group; it reads this from the
@@ -482,14 +491,14 @@ class JobController:
                 "registers_checkpoints": self.storage.registers_checkpoints,
             },
             torch_config=TorchConfig(backend=cfg.backend, timeout_s=int(cfg.parallel.timeout_s)),
-            scaling_config=ray.train.ScalingConfig(
+            scaling_config=ScalingConfig(
                 num_workers=(self.sizes[-1], c.num_workers) if elastic else c.num_workers,
                 elastic_resize_monitor_interval_s=c.resize_check_s,
                 use_gpu=c.use_gpu,
                 resources_per_worker=worker_resources(cfg),
                 placement_strategy=c.placement_strategy,
             ),
-            run_config=ray.train.RunConfig(
+            run_config=RunConfig(
                 name=self.storage.name,
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,

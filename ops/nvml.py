@@ -58,7 +58,7 @@ class GpuSampler:
         self.uuid = nvml_uuid(uuid) if uuid else None
         self.available = False
         self.reason = ""
-        self._nvml = nvml
+        self._nvml: Any = nvml  # pynvml or a stand-in; duck-typed, set before any call
         self._handle: Any = None
         self._last_energy_mj: int | None = None
         self._disabled: dict[str, str] = {}  # metric -> why it is not read any more

@@ -136,7 +136,7 @@ def make_server(run_dir: str, *, host: str = "127.0.0.1", port: int = 8765) -> T
 def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serves the page until interrupted."""
     server = make_server(run_dir, host=host, port=port)
-    h, p = server.server_address[:2]
+    h, p = str(server.server_address[0]), server.server_port
     print(f"ops page for {run_dir}: http://{h}:{p}/  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

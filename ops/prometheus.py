@@ -111,6 +111,7 @@ class ClientBackend:
         self.registry = pc.CollectorRegistry()
         self._metrics: dict[str, Any] = {}
         for name, (kind, help_, labels) in METRICS.items():
+            m: Any
             if kind == "counter":
                 m = pc.Counter(name, help_, labels, registry=self.registry)
             elif kind == "gauge":
@@ -151,6 +152,7 @@ class RayBackend:
 
         self._metrics: dict[str, Any] = {}
         for name, (kind, help_, labels) in METRICS.items():
+            m: Any
             if kind == "counter":
                 m = rm.Counter(name, description=help_, tag_keys=labels)
             elif kind == "gauge":
@@ -207,7 +209,9 @@ class PrometheusSink:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         b = self.backend
-        own = next((d for d in metrics.get("devices", ()) if d["rank"] == self.rank), {})
+        own: dict[str, Any] = next(
+            (d for d in metrics.get("devices", ()) if d["rank"] == self.rank), {}
+        )
         for key, name, scale in _GPU_GAUGES:
             if key in own:
                 b.set(name, own[key] * scale, self.gpu_tags)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: lint, types (pyproject.toml's [tool.mypy]), then every test. Services the tests use are started by the tests.
+# The test suite: lint, types (pyproject.toml's [tool.mypy]), then every test. Services the
+# tests use are started by the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check .
