@@ -582,6 +582,9 @@ def load_config(
         # The default ModelConfig resolved num_kv_heads (0 = num_heads) against the default
         # num_heads; put the 0 back so a preset that sets only num_heads gets multi-head.
         base.model.num_kv_heads = 0
+        # Likewise data.source: the default resolved "auto" against an empty data section;
+        # put "auto" back so that it follows from the data.path or data.mix a layer sets.
+        base.data.source = "auto"
         layers = [base]
         if path is not None:
             if not os.path.exists(path):
