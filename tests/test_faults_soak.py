@@ -10,15 +10,9 @@ import os
 
 import pytest
 
-from cluster.soak import (
-    RssSample,
-    WorkerLife,
-    compare_losses,
-    final_lineage,
-    main,
-    proc_memory,
-    rss_verdict,
-)
+from cluster.rss import RssSample, WorkerLife, proc_memory, rss_verdict
+from cluster.soak import main
+from cluster.soak_report import compare_losses, final_lineage
 from tests.test_checkpoint import SMALL
 
 STEPS = 24
