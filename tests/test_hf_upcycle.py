@@ -1,0 +1,152 @@
+"""Sparse upcycling (`checkpoint.upcycle=true`): an MoE built from a dense Llama, Mistral or
+Qwen2 checkpoint has the dense model's logits at step 0 (every expert a copy of the MLP, or
+granular slices of it with the scaling that keeps the output), a short run from it at EP=2
+trains, and what cannot be upcycled is refused naming the setting or tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.distributed import run_ranks
+from tests.test_hf_common import tiny_hf_dense
+from trainer.config import MoEConfig, load_config
+from trainer.hf import HFError
+from trainer.init_from import load_hf_weights
+from trainer.model import build_model, materialize
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+
+def _moe_cfg(num_experts: int, top_k: int, expert_hidden: int, **moe):
+    cfg = load_config(
+        ROOT / "infra" / "runs" / "tiny.yaml",
+        ["model.dim=32", "model.dense_hidden=64"],
+        ignore_sections=("cluster",),
+    ).model
+    cfg.moe = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_hidden=expert_hidden,
+        norm_topk_prob=True,
+        **moe,
+    )
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("kind", "experts", "top_k", "hidden", "moe"),
+    [
+        ("llama", 4, 2, 64, {}),  # every expert a copy of the MLP
+        ("mistral", 8, 4, 32, {}),  # granular: 2 slices per copy, top-4 = 2 whole copies
+        ("qwen2", 4, 2, 64, {"route_scale": 2.0}),  # zero q/k/v biases; w2 undoes the scale
+        ("llama", 8, 4, 16, {}),  # 4 slices per copy, top-4 = 1 copy
+    ],
+)
+def test_upcycled_logits_equal_the_dense_models(tmp_path, kind, experts, top_k, hidden, moe):
+    src = str(tmp_path / kind)
+    dense = tiny_hf_dense(src, kind)
+    cfg = _moe_cfg(experts, top_k, hidden, **moe)
+    cfg.num_dense_layers = 0
+    model = materialize(build_model(cfg), device=torch.device("cpu"), seed=3)
+    load_hf_weights(model, src, upcycle=True, seed=3)
+    tokens = torch.randint(0, 320, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine = model.eval()(tokens).logits
+        want = dense(input_ids=tokens).logits
+    torch.testing.assert_close(mine, want, rtol=0, atol=TOL)
+    # The experts are not all alike when slicing (G > 1), and the routers are not zero:
+    # equality does not come from a degenerate router.
+    w1 = model.layers[0].ffn.experts.w1
+    assert (model.layers[0].ffn.router.weight.abs().sum(-1) > 0).all()
+    G = 64 // hidden
+    assert torch.equal(w1[0], w1[G]) and (G == 1 or not torch.equal(w1[0], w1[1]))
+
+
+def test_upcycling_keeps_a_dense_first_layer(tmp_path):
+    src = str(tmp_path / "llama")
+    dense = tiny_hf_dense(src, "llama")
+    cfg = _moe_cfg(4, 2, 64)
+    cfg.num_dense_layers = 1
+    model = materialize(build_model(cfg), device=torch.device("cpu"), seed=0)
+    load_hf_weights(model, src, upcycle=True)
+    assert torch.equal(model.layers[0].ffn.w2.weight, dense.model.layers[0].mlp.down_proj.weight)
+    tokens = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval()(tokens).logits, dense(input_ids=tokens).logits, rtol=0, atol=TOL
+        )
+
+
+def test_what_cannot_be_upcycled_is_refused(tmp_path, capsys):
+    src = str(tmp_path / "qwen2")
+    tiny_hf_dense(src, "qwen2")
+    files = sorted(Path(src).glob("model*.safetensors"))
+    for f in files:
+        sd = load_file(str(f))
+        name = "model.layers.1.self_attn.k_proj.bias"
+        if name in sd:
+            sd[name] = torch.full_like(sd[name], 0.5)
+            save_file(sd, str(f), metadata={"format": "pt"})
+    model = materialize(build_model(_moe_cfg(4, 2, 64)), device=torch.device("cpu"), seed=0)
+    with pytest.raises(HFError, match=r"k_proj\.bias is not zero"):
+        load_hf_weights(model, src, upcycle=True)
+
+    llama = str(tmp_path / "llama")
+    tiny_hf_dense(llama, "llama", intermediate=48)
+    model = materialize(build_model(_moe_cfg(4, 2, 32)), device=torch.device("cpu"), seed=0)
+    with pytest.raises(HFError, match=r"intermediate_size \(48\) is not a multiple of .*\(32\)"):
+        load_hf_weights(model, llama, upcycle=True)
+
+    model = materialize(
+        build_model(_moe_cfg(4, 2, 48, num_shared_experts=1)), device=torch.device("cpu"), seed=0
+    )
+    with pytest.raises(HFError, match="num_shared_experts=1"):
+        load_hf_weights(model, llama, upcycle=True)
+
+    # Top-1 without normalization: accepted, with a warning that step 0 differs.
+    model = materialize(build_model(_moe_cfg(4, 1, 48)), device=torch.device("cpu"), seed=0)
+    load_hf_weights(model, llama, upcycle=True)
+    assert "does not start equal to the dense one" in capsys.readouterr().out
+
+
+def _train_upcycled(rank: int, world: int, src: str, out: str) -> list[float]:
+    from trainer.loop import run
+
+    cfg = load_config(
+        ROOT / "infra" / "runs" / "tiny.yaml",
+        [
+            f"run.output_dir={out}",
+            f"checkpoint.init_from={src}",
+            "checkpoint.upcycle=true",
+            "model.dim=32",
+            "model.moe.num_experts=4",
+            "model.moe.expert_hidden=32",
+            "model.moe.norm_topk_prob=true",
+            "train.steps=12",
+            "train.warmup_steps=2",
+            "train.seq_len=32",
+            "train.micro_batch_size=4",
+            "data.corpus_max_bytes=60000",
+            "ops.stdout=false",
+            "ops.telemetry=false",
+            "parallel.ep=2",
+        ],
+        ignore_sections=("cluster",),
+    )
+    return run(cfg).losses
+
+
+@pytest.mark.slow
+def test_a_run_from_the_upcycled_model_trains_at_ep2(tmp_path):
+    src = str(tmp_path / "llama")
+    tiny_hf_dense(src, "llama")
+    losses = run_ranks(_train_upcycled, 2, src, str(tmp_path / "run"))
+    assert losses[0] == losses[1]
+    curve = losses[0]
+    assert len(curve) == 12
+    assert min(curve[-3:]) < 0.8 * curve[0], curve
