@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("dataloader.prepare", "main", "tokenize text into Parquet shards + manifest"),
     "dashboard": ("ops.dashboard", "main", "provision Grafana, or serve the built-in ops page"),
     "report": ("ops.report", "main", "summarize a finished run: energy, MFU, plots as PNG"),
-    "export": ("trainer.export", "main", "write a checkpoint as one safetensors file"),
+    "export": ("trainer.export", "main", "write a checkpoint as safetensors, or --format hf"),
     "submit": ("cluster.jobs", "submit", "submit a training job to a Ray cluster (ray job submit)"),
     "status": ("cluster.jobs", "status", "a Ray job's state, last step, loss and tokens/s"),
     "stop": ("cluster.jobs", "stop", "stop a Ray job"),
