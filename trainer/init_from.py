@@ -266,13 +266,13 @@ def _upcycle_plan(cfg: ModelConfig, reader: SafetensorsDir, shapes: dict, rank: 
             "upcycling initializes routed experts only; set it to 0"
         )
     theta = _rope(hf, where)
-    for key, have, want in (
+    for key, mine, theirs in (
         ("rope_theta", cfg.rope_theta, theta),
         ("norm_eps", cfg.norm_eps, float(hf.get("rms_norm_eps", 1e-6))),
         ("tie_embeddings", cfg.tie_embeddings, bool(hf.get("tie_word_embeddings", False))),
     ):
-        if have != want:
-            raise HFError(f"model.{key} ({have}) differs from {where} ({want})")
+        if mine != theirs:
+            raise HFError(f"model.{key} ({mine}) differs from {where} ({theirs})")
     window = hf.get("sliding_window")
     if window and int(window) < cfg.max_seq_len and hf.get("use_sliding_window", True):
         raise HFError(
@@ -310,7 +310,7 @@ def _upcycle_plan(cfg: ModelConfig, reader: SafetensorsDir, shapes: dict, rank: 
         if i is not None and i >= cfg.num_dense_layers and ".ffn." in spec.key:
             continue  # MoE layers' experts are planned below
         want = hf_shape(shapes["model." + spec.key], spec)
-        plan[spec.key] = (_need(reader, spec.hf, want, spec.key), lambda t: t)
+        plan[spec.key] = (_need(reader, spec.hf, want, spec.key), _same)
     if cfg.tie_embeddings:
         plan["head.weight"] = plan["embed.weight"]
     F, D = moe.expert_hidden, cfg.dim
@@ -324,10 +324,24 @@ def _upcycle_plan(cfg: ModelConfig, reader: SafetensorsDir, shapes: dict, rank: 
             s = e % G
             rows = slice(s * F, (s + 1) * F)
             k = f"layers.{i}.ffn.experts.{e}."
-            plan[k + "w1"] = (gate, lambda t, r=rows: t[r].t().contiguous())
-            plan[k + "w3"] = (up, lambda t, r=rows: t[r].t().contiguous())
-            plan[k + "w2"] = (down, lambda t, r=rows: (t[:, r] * scale).t().contiguous())
+            plan[k + "w1"] = (gate, _rows_of(rows))
+            plan[k + "w3"] = (up, _rows_of(rows))
+            plan[k + "w2"] = (down, _cols_of(rows, scale))
     return plan
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _rows_of(rows: slice) -> Callable[[Tensor], Tensor]:
+    """[I, D] dense gate/up projection -> one expert's [D, F] slice."""
+    return lambda t: t[rows].t().contiguous()
+
+
+def _cols_of(cols: slice, scale: float) -> Callable[[Tensor], Tensor]:
+    """[D, I] dense down projection -> one expert's [F, D] slice, scaled."""
+    return lambda t: (t[:, cols] * scale).t().contiguous()
 
 
 def _as_dense(cfg: ModelConfig) -> ModelConfig:
