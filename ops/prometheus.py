@@ -66,6 +66,19 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         (*GPU_LABELS, "reason"),
     ),
     "moeyard_cpu_energy_joules": ("counter", "CPU package energy (RAPL)", STEP_LABELS),
+    "moeyard_val_loss": ("gauge", "Validation loss (eval.*), at evaluation steps", STEP_LABELS),
+    "moeyard_val_perplexity": ("gauge", "Validation perplexity, exp(val_loss)", STEP_LABELS),
+    "moeyard_distill_kl": ("gauge", "Distillation KL(teacher || student) x T^2", STEP_LABELS),
+    "moeyard_dataset_tokens": (
+        "counter",
+        "Tokens trained on per dataset of a data.mix (global)",
+        (*STEP_LABELS, "dataset"),
+    ),
+    "moeyard_dataset_share": (
+        "gauge",
+        "Share of the samples since the last logged step per dataset of a data.mix",
+        (*STEP_LABELS, "dataset"),
+    ),
 }
 
 # record key in the GPU sample -> (metric, scale)
@@ -85,6 +98,9 @@ _STEP_GAUGES = (
     ("data_wait_share", "moeyard_data_wait_ratio"),
     ("energy_per_token_j", "moeyard_energy_per_token_joules"),
     (CHECKPOINT_TIME_KEY, "moeyard_checkpoint_seconds"),
+    ("val_loss", "moeyard_val_loss"),
+    ("val_ppl", "moeyard_val_perplexity"),
+    ("distill_kl", "moeyard_distill_kl"),
 )
 
 
@@ -206,6 +222,7 @@ class PrometheusSink:
         self.step_series = step_series
         self.linger_s = linger_s
         self._last_step: int | None = None
+        self._dataset_tokens: dict[str, int] = {}  # per data.mix dataset, as last exported
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         b = self.backend
@@ -250,6 +267,14 @@ class PrometheusSink:
             tags = {**self.tags, "layer": str(layer["layer"])}
             b.set("moeyard_expert_load_max_over_mean", float(layer["max_over_mean"]), tags)
             b.set("moeyard_expert_load_cv", float(layer["cv"]), tags)
+        for name, d in (metrics.get("data_mix") or {}).items():
+            tags = {**self.tags, "dataset": name}
+            # The record holds each dataset's running total; the counter takes the increase.
+            grown = int(d["tokens"]) - self._dataset_tokens.get(name, 0)
+            self._dataset_tokens[name] = int(d["tokens"])
+            if grown > 0:
+                b.inc("moeyard_dataset_tokens", float(grown), tags)
+            b.set("moeyard_dataset_share", float(d["share"]), tags)
 
     def close(self) -> None:
         if self.linger_s > 0:
