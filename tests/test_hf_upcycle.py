@@ -114,39 +114,87 @@ def test_what_cannot_be_upcycled_is_refused(tmp_path, capsys):
     assert "does not start equal to the dense one" in capsys.readouterr().out
 
 
-def _train_upcycled(rank: int, world: int, src: str, out: str) -> list[float]:
+def _overrides(out: str, src: str, steps: int, *extra: str) -> list[str]:
+    return [
+        f"run.output_dir={out}",
+        f"checkpoint.init_from={src}",
+        "model.dim=32",
+        "model.moe.expert_hidden=32",
+        "model.moe.norm_topk_prob=true",
+        f"train.steps={steps}",
+        "train.warmup_steps=2",
+        "train.seq_len=32",
+        "train.micro_batch_size=4",
+        "data.corpus_max_bytes=60000",
+        "ops.stdout=false",
+        "ops.telemetry=false",
+        "parallel.ep=2",
+        *extra,
+    ]
+
+
+def _train_from_hf(
+    rank: int, world: int, llama: str, mixtral: str, out: str
+) -> tuple[list[float], list[float]]:
+    """Two runs at EP=2: 12 steps from the upcycled Llama (4 experts of half the MLP each),
+    and one step from the Mixtral checkpoint. Returns both runs' logged lm losses."""
+    from ops.sinks import read_metrics
     from trainer.loop import run
+
+    tiny = ROOT / "infra" / "runs" / "tiny.yaml"
+    up = load_config(
+        tiny,
+        _overrides(f"{out}/up", llama, 12, "checkpoint.upcycle=true", "model.moe.num_experts=4"),
+        ignore_sections=("cluster",),
+    )
+    run(up)
+    mx = load_config(tiny, _overrides(f"{out}/mx", mixtral, 1), ignore_sections=("cluster",))
+    run(mx)
+    return tuple(  # type: ignore[return-value]
+        [r["lm_loss"] for r in read_metrics(f"{out}/{name}/metrics.jsonl")] for name in ("up", "mx")
+    )
+
+
+def _first_global_batch(out: str) -> torch.Tensor:
+    """Both ranks' first micro-batch of the run in `out` (the same data config)."""
+    from dataloader.source import build_source
 
     cfg = load_config(
         ROOT / "infra" / "runs" / "tiny.yaml",
-        [
-            f"run.output_dir={out}",
-            f"checkpoint.init_from={src}",
-            "checkpoint.upcycle=true",
-            "model.dim=32",
-            "model.moe.num_experts=4",
-            "model.moe.expert_hidden=32",
-            "model.moe.norm_topk_prob=true",
-            "train.steps=12",
-            "train.warmup_steps=2",
-            "train.seq_len=32",
-            "train.micro_batch_size=4",
-            "data.corpus_max_bytes=60000",
-            "ops.stdout=false",
-            "ops.telemetry=false",
-            "parallel.ep=2",
-        ],
+        _overrides(out, "", 1)[2:],
         ignore_sections=("cluster",),
     )
-    return run(cfg).losses
+    rows = []
+    for rank in range(2):
+        source = build_source(
+            cfg.data,
+            seq_len=cfg.train.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size,
+            rank=rank,
+            world_size=2,
+            seed=cfg.train.seed,
+        )
+        rows.append(source.next_batch())
+        source.close()
+    return torch.cat(rows)
 
 
 @pytest.mark.slow
-def test_a_run_from_the_upcycled_model_trains_at_ep2(tmp_path):
-    src = str(tmp_path / "llama")
-    tiny_hf_dense(src, "llama")
-    losses = run_ranks(_train_upcycled, 2, src, str(tmp_path / "run"))
-    assert losses[0] == losses[1]
-    curve = losses[0]
-    assert len(curve) == 12
-    assert min(curve[-3:]) < 0.8 * curve[0], curve
+def test_runs_from_hf_at_ep2_start_at_transformers_loss_and_train(tmp_path):
+    """EP=2 (each rank holds half the experts): the upcycled run's first loss is the dense
+    model's on the same global batch, and it falls; a Mixtral checkpoint's is Mixtral's."""
+    from tests.test_hf_common import tiny_hf_mixtral
+
+    llama, mixtral = str(tmp_path / "llama"), str(tmp_path / "mixtral")
+    dense = tiny_hf_dense(llama, "llama")
+    moe = tiny_hf_mixtral(mixtral, intermediate_size=32)
+    results = run_ranks(_train_from_hf, 2, llama, mixtral, str(tmp_path / "run"))
+    up, mx = results[0]
+    rows = _first_global_batch(str(tmp_path / "run"))
+    with torch.no_grad():
+        want_dense = dense(input_ids=rows, labels=rows).loss.item()
+        want_moe = moe(input_ids=rows, labels=rows).loss.item()
+    assert abs(up[0] - want_dense) < TOL, (up[0], want_dense)
+    assert abs(mx[0] - want_moe) < TOL, (mx[0], want_moe)
+    assert len(up) == 12
+    assert min(up[-3:]) < 0.8 * up[0], up
