@@ -4,6 +4,8 @@ that keeps its global batch, the config errors, and the scaling policy's roundin
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.config import load_launch_config
 from cluster.elastic import at_size, counts_for, grad_accum_at, scaling_policy
@@ -253,3 +255,39 @@ def test_global_batch_size_gives_one_loss_curve_at_world_1_and_2(tmp_path) -> No
     plain = [*common[:-1], "train.grad_accum=4"]
     grown = run_ranks(_losses_at, 2, [*plain, f"run.output_dir={tmp_path / 'g2'}"])
     assert grown[0][0] != pytest.approx(one[0], rel=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_workers=st.integers(1, 12),
+    min_workers=st.integers(0, 12),
+    ep=st.sampled_from([1, 2, 4]),
+    micro=st.sampled_from([1, 2, 4]),
+    micro_batches=st.integers(1, 48),
+)
+def test_every_usable_size_keeps_the_global_batch(
+    num_workers, min_workers, ep, micro, micro_batches
+) -> None:
+    """Whatever the sizes, a run with train.global_batch_size trains on exactly that many
+    rows at every size it may use, with EP dividing the size; and every size left out is
+    one where that is impossible."""
+    gbs = micro * micro_batches
+    try:
+        cfg = _cfg(
+            f"cluster.num_workers={num_workers}",
+            f"cluster.min_workers={min(min_workers, num_workers)}",
+            f"parallel.ep={ep}",
+            f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={gbs}",
+        )
+    except ConfigError as e:
+        assert "num_workers" in str(e) or "min_workers" in str(e), e
+        return
+    sizes = counts_for(cfg)
+    assert sizes[0] == num_workers and sizes == sorted(sizes, reverse=True)
+    for n in sizes:
+        assert n % ep == 0
+        assert micro * grad_accum_at(cfg, n) * n == gbs
+    lo = max(cfg.cluster.min_workers, 1) if cfg.cluster.min_workers else num_workers
+    for n in set(range(lo, num_workers + 1)) - set(sizes):
+        assert n % ep or gbs % (micro * n)
