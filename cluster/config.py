@@ -3,6 +3,9 @@
 `trainer.train` drops this section (`ignore_sections=("cluster",)`), so one preset serves
 both launchers: `torchrun` takes its world size from the command line, Ray from
 `cluster.num_workers`.
+
+This module validates; which worker counts a run may use is the sizing policy's
+(cluster/sizing.py), applied here to reject a `cluster` section that allows none.
 """
 
 from __future__ import annotations
