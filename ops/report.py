@@ -1,5 +1,6 @@
 """`moeyard report RUN_DIR`: the summary of a finished run (tokens, time, energy, J/token,
-MFU, final loss) from its metrics.jsonl and summary.json, with its plots as PNG files.
+MFU, final loss, final validation loss, tokens per dataset of a mixture) from its
+metrics.jsonl and summary.json, with its plots as PNG files.
 
 Quantities that were not measured in the run (no energy counter, no known peak) are
 reported as "not measured", never as zero.
@@ -25,7 +26,8 @@ def summarize(
     """The run's totals from its records.
 
     Returns keys `steps`, `tokens`, `time_s`, `tokens_per_s`, `final_loss`, and, when
-    measured, `energy_j`, `kwh`, `energy_scope`, `energy_per_token_j`, `tokens_per_kwh`,
+    measured, `final_val_loss` and `final_val_ppl` (the last evaluation), `dataset_tokens`
+    (per dataset of a data.mix), `energy_j`, `kwh`, `energy_scope`, `energy_per_token_j`, `tokens_per_kwh`,
     `mfu` (time-weighted over the logged windows), `model_tflops_per_s`.
 
     Raises:
@@ -44,6 +46,14 @@ def summarize(
     if out["tokens"] and train_s > 0:
         out["tokens_per_s"] = out["tokens"] / train_s
     out["final_loss"] = last.get("loss")
+    evaluated = [r for r in records if isinstance(r.get("val_loss"), int | float)]
+    if evaluated:
+        out["final_val_loss"] = evaluated[-1]["val_loss"]
+        out["final_val_ppl"] = evaluated[-1].get("val_ppl")
+        out["val_step"] = evaluated[-1]["step"]
+    mixed = [r for r in records if r.get("data_mix")]
+    if mixed:
+        out["dataset_tokens"] = {k: d["tokens"] for k, d in mixed[-1]["data_mix"].items()}
     measured = [(r, t) for r, t in windows if "energy_j" in r]
     if measured:
         joules = math.fsum(r["energy_j"] for r, _ in measured)
@@ -88,8 +98,9 @@ def _no_data(ax: Any, why: str) -> None:
 
 
 def plot(records: list[dict[str, Any]]) -> dict[str, bytes]:
-    """PNG files by name: loss, throughput (tokens/s and MFU), power (per GPU), energy
-    (J/token), experts (load heat map of the last logged step)."""
+    """PNG files by name: loss (training, and validation where evaluated), throughput
+    (tokens/s and MFU), power (per GPU), energy (J/token), experts (load heat map of the last
+    logged step), and datasets (tokens per dataset of a data.mix) when the run had one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,6 +118,12 @@ def plot(records: list[dict[str, Any]]) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(7, 4))
     _line(ax, records, "loss", "loss")
     _line(ax, records, "lm_loss", "lm loss")
+    pts = [
+        (r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), int | float)
+    ]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), label="val loss", marker="o")
+    _line(ax, records, "distill_kl", "distill KL")
     ax.set(xlabel="step", ylabel="loss", title="Loss")
     ax.legend()
     save(fig, "loss.png")
@@ -163,6 +180,23 @@ def plot(records: list[dict[str, Any]]) -> dict[str, bytes]:
     else:
         _no_data(ax, "this model logged no MoE layer")
     save(fig, "experts.png")
+
+    names = sorted({k for r in records for k in (r.get("data_mix") or {})})
+    if names:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in names:
+            pts = [
+                (r["step"], r["data_mix"][name]["tokens"])
+                for r in records
+                if name in (r.get("data_mix") or {})
+            ]
+            weight = next(
+                r["data_mix"][name]["weight"] for r in records if name in (r.get("data_mix") or {})
+            )
+            ax.plot(*zip(*pts, strict=True), label=f"{name} (weight {weight:.3g})")
+        ax.legend()
+        ax.set(xlabel="step", ylabel="tokens", title="Tokens per dataset")
+        save(fig, "datasets.png")
     return pngs
 
 
@@ -183,6 +217,12 @@ def render_text(s: dict[str, Any]) -> str:
         ("wall time", _fmt(s.get("time_s"), "s")),
         ("tokens/s", _fmt(s.get("tokens_per_s"))),
         ("final loss", _fmt(s.get("final_loss"))),
+        (
+            "val loss",
+            f"{_fmt(s['final_val_loss'])} (ppl {_fmt(s.get('final_val_ppl'))}, step {s['val_step']})"
+            if "final_val_loss" in s
+            else "not evaluated (eval.every=0)",
+        ),
         ("MFU", _fmt(s["mfu"] * 100, "%") if "mfu" in s else "not measured (device peak unknown)"),
         (
             "energy",
@@ -191,6 +231,8 @@ def render_text(s: dict[str, Any]) -> str:
         ("energy per token", _fmt(s.get("energy_per_token_j"), "J")),
         ("tokens per kWh", _fmt(s.get("tokens_per_kwh"))),
     ]
+    for name, tokens in (s.get("dataset_tokens") or {}).items():
+        rows.append((f"tokens of {name}", _fmt(tokens)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

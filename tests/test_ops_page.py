@@ -1,5 +1,7 @@
 """The built-in ops page in headless Chromium (driven over the DevTools protocol) with the
-metrics.jsonl of a real short run, and `moeyard report` on the same run.
+metrics.jsonl of a real short run, and `moeyard report` on the same run. The run trains on a
+mixture of two prepared datasets (the standard library's email and json packages) and
+evaluates on email's held-out split, so the validation and per-dataset plots have data.
 
 The page is first served half of the run's lines, then the rest appear with the run's
 summary, as while a run goes on: the page must pick them up by itself. A screenshot is
@@ -15,6 +17,7 @@ import math
 import re
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -25,6 +28,7 @@ from typing import Any
 import pytest
 
 from cluster.cli import main as cli
+from dataloader.prepare import prepare
 from ops.page import serve_in_thread
 from ops.report import summarize
 from ops.sinks import read_metrics
@@ -36,9 +40,21 @@ ARTIFACTS = ROOT / ".artifacts"
 STEPS = 30
 
 
+EVAL_EVERY = 10
+
+
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("page-run")
+    data = tmp_path_factory.mktemp("page-data")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for pkg, fraction in (("email", 0.1), ("json", 0.0)):
+        prepare(
+            [str(stdlib / pkg)], str(data / pkg), seq_len=64, progress=False, val_fraction=fraction
+        )
+    mix = f"[{{name: email, path: '{data / 'email'}', weight: 0.7}}, " + (
+        f"{{name: json, path: '{data / 'json'}', weight: 0.3}}]"
+    )
     cfg = load_config(
         "infra/runs/tiny.yaml",
         [
@@ -48,6 +64,12 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"train.steps={STEPS}",
             "ops.stdout=false",
             "ops.peak_tflops=0.5",
+            "data.source=auto",
+            f"data.mix={mix}",
+            f"eval.every={EVAL_EVERY}",
+            f"eval.path={data / 'email' / 'val'}",
+            "eval.steps=2",
+            "eval.batch_size=4",
         ],
     )
     run(cfg)
@@ -201,9 +223,18 @@ def test_ops_page_renders_and_follows_the_run(
         assert points["plot-tps"] == STEPS and points["plot-wait"] == STEPS
         assert points["plot-mfu"] == STEPS  # ops.peak_tflops is set for this run
         assert points["plot-experts"] == 2 * 8  # 2 MoE layers x 8 experts
+        assert points["plot-val"] == STEPS // EVAL_EVERY  # one point per evaluation
+        assert points["plot-mix"] == 2 * STEPS  # two datasets, every step
         # No GPU and no readable energy counter here: those plots say so, with no line.
         assert points["plot-power"] == 0 and points["plot-util"] == 0 and points["plot-jpt"] == 0
-        for canvas in ("plot-loss", "plot-tps", "plot-experts", "plot-power"):
+        for canvas in (
+            "plot-loss",
+            "plot-tps",
+            "plot-experts",
+            "plot-power",
+            "plot-val",
+            "plot-mix",
+        ):
             assert chromium.evaluate(INKED % canvas) > 500, canvas
         last = read_metrics(str(real_run / "metrics.jsonl"))[-1]
         assert chromium.evaluate("document.getElementById('step').textContent") == str(STEPS)
@@ -212,6 +243,10 @@ def test_ops_page_renders_and_follows_the_run(
             == f"{last['loss']:.4f}"
         )
         assert chromium.evaluate("document.getElementById('kwh').textContent") == "not measured"
+        assert (
+            chromium.evaluate("document.getElementById('val').textContent")
+            == f"{last['val_loss']:.4f} (step {STEPS})"
+        )
         assert chromium.evaluate("document.getElementById('run').textContent") == "page-run"
         size = chromium.call("Page.getLayoutMetrics")["cssContentSize"]
         clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
@@ -260,12 +295,22 @@ def test_report(real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     want_mfu = sum(r["mfu"] * t for r, t in zip(records, times, strict=True)) / sum(times)
     assert math.isclose(rep["mfu"], want_mfu, rel_tol=1e-12)
     assert "energy_j" not in rep and "energy_per_token_j" not in rep  # nothing measured here
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    assert rep["final_val_loss"] == evals[-1]["val_loss"] and rep["val_step"] == STEPS
+    assert rep["final_val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    mix = records[-1]["data_mix"]
+    assert rep["dataset_tokens"] == {"email": mix["email"]["tokens"], "json": mix["json"]["tokens"]}
+    assert mix["email"]["tokens"] + mix["json"]["tokens"] == records[-1]["tokens"]
+    assert re.search(r"val loss\s+\d+\.\d+ \(ppl \d", text) and re.search(
+        r"tokens of json\s+\d", text
+    )
     assert re.search(r"energy\s+not measured", text) and re.search(r"MFU\s+\d", text)
-    for name in ("loss", "throughput", "power", "energy", "experts"):
+    for name in ("loss", "throughput", "power", "energy", "experts", "datasets"):
         data = (out / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
     ARTIFACTS.mkdir(exist_ok=True)
-    for name in ("loss", "experts"):
+    for name in ("loss", "experts", "datasets"):
         shutil.copy(out / f"{name}.png", ARTIFACTS / f"report_{name}.png")
 
 
