@@ -341,3 +341,36 @@ def test_dispatch_combine_is_deterministic_and_matches_index_add():
     )
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[0], 2 * want * 2.0 * w.sum(1, keepdim=True))
+
+
+def test_dispatch_and_combine_functions_pass_gradcheck():
+    from trainer.dispatch import DispatchMeta, replicate_rows, sort_pairs, weighted_combine
+
+    T, E, K, Dg = 5, 3, 2, 3
+    ids = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1], [0, 1]])  # id 3 = dropped
+    order, pos, _ = sort_pairs(ids, E)
+    keep = ids.reshape(-1) < E
+    x = torch.randn(T, Dg, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: replicate_rows(x, order, pos, keep, K), (x,))
+    y = torch.randn(T * K, Dg, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, K, dtype=torch.float64).masked_fill(~keep.view(T, K), 0).requires_grad_()
+
+    def combine(y, w):
+        meta = DispatchMeta(order_S=order, pos_P=pos, weights_TK=w, keep_P=keep)
+        return weighted_combine(y, meta, torch.float64)
+
+    # _Combine accumulates in fp32 by contract; gradcheck in float64 needs loose tolerances.
+    assert torch.autograd.gradcheck(combine, (y, w), eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
+def test_watchdog_message_is_true_on_both_backends():
+    from trainer.resilience import CollectiveWatch
+
+    gloo = CollectiveWatch(rank=0, world_size=1, timeout_s=5, backend="gloo")
+    msg = gloo.describe("gradient all-reduce", 3, [0, 1])
+    assert "waited over parallel.timeout_s (5 s) in the gradient all-reduce at step 3" in msg
+    assert "asynchronously" not in msg
+    nccl = CollectiveWatch(rank=1, world_size=1, timeout_s=5, backend="cpu:gloo,cuda:nccl")
+    msg = nccl.describe("gradient all-reduce", 3, [0, 1])
+    assert "rank 1's host waited" in msg and "in the gradient all-reduce at step 3" in msg
+    assert "launched in an earlier phase" in msg and "TORCH_NCCL_TRACE_BUFFER_SIZE" in msg

@@ -11,11 +11,11 @@ functional collectives, regroups them by local expert, and reverses all of it on
 back. Model code calls a dispatcher and never holds a process group itself.
 
 The token rows are copied once on the way in (one gather from tokens to expert-sorted rows)
-and once on the way out (one gather from expert-sorted rows back to token-major pairs, then
-a batched [1, K] x [K, D] product per token, in fp32). Each gather is a custom autograd
-function whose backward is again a gather through the inverse permutation (a sum over the
-K copies for the way in), so neither direction scatters with `index_add_`: the whole path
-is deterministic on CUDA, forward and backward, and needs no `train.deterministic` switch.
+and read once on the way out (K gathers of [T, D], one per k, multiply-added into an fp32
+[T, D]: no [T * K, D] weighted or fp32 copy). Each gather is a custom autograd function
+whose backward is again a gather through the inverse permutation, so neither direction
+scatters with `index_add_`: the whole path is deterministic on CUDA, forward and backward,
+and needs no `train.deterministic` switch.
 
 Dropped pairs (capacity) carry the id E, sort last, and their rows are zeros in the forward;
 their gradients are masked to zero in the backward, so the rows the grouped GEMM leaves
@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 
@@ -91,8 +92,9 @@ def sort_pairs(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor
 class _ReplicateRows(torch.autograd.Function):
     """rows_S[s] = x_TD[order_S[s] // K], zero for dropped pairs.
 
-    Backward: grad_x[t] = sum over k of grad_rows[pos_P[t * K + k]] (a gather and a sum over
-    K, no scatter), with the dropped pairs' gradient rows masked out first.
+    Backward: grad_x[t] = sum over k of grad_rows[pos_P[t * K + k]], K gathers of [T, D]
+    summed in place (no scatter, and no [T * K, D] temporary), the dropped pairs' gradient
+    rows masked out first.
     """
 
     @staticmethod
@@ -109,12 +111,66 @@ class _ReplicateRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_SD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         pos_P, keep_P = ctx.saved_tensors
-        g_PD = grad_SD.index_select(0, pos_P)
-        if keep_P is not None:
-            # masked_fill, not a multiply: the unwritten rows may hold NaN.
-            g_PD.masked_fill_(~keep_P.unsqueeze(1), 0)
-        grad_TD = g_PD.view(-1, ctx.top_k, g_PD.shape[1]).sum(1)
+        pos_TK = pos_P.view(-1, ctx.top_k)
+        keep_TK = None if keep_P is None else keep_P.view(-1, ctx.top_k)
+        grad_TD = _gather_pairs(grad_SD, pos_TK, keep_TK, 0)
+        for k in range(1, ctx.top_k):
+            grad_TD += _gather_pairs(grad_SD, pos_TK, keep_TK, k)
         return grad_TD, None, None, None, None
+
+
+def _gather_pairs(rows_SD: Tensor, pos_TK: Tensor, keep_TK: Tensor | None, k: int) -> Tensor:
+    """The sorted row of every token's k-th pair: [T, D], zero where that pair was dropped
+    (masked_fill, not a multiply: rows the grouped GEMM left unwritten may hold NaN)."""
+    out_TD = rows_SD.index_select(0, pos_TK[:, k])
+    if keep_TK is not None:
+        out_TD.masked_fill_(~keep_TK[:, k : k + 1], 0)
+    return out_TD
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum over k of w[t, k] * y[pos[t, k]], accumulated in fp32.
+
+    Forward: K gathers of [T, D], multiply-added into one fp32 [T, D] (no [T * K, D] copy,
+    no fp32 copy of bf16 rows). Backward: grad_y[s] = w[s] * grad_out[token of s], one
+    gather; grad_w[t, k] = <y[pos[t, k]], grad_out[t]>, K gathers again. No scatter.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        y_SD: Tensor,
+        weights_TK: Tensor,
+        order_S: Tensor,
+        pos_P: Tensor,
+        keep_P: Tensor | None,
+    ) -> Tensor:
+        T, K = weights_TK.shape
+        pos_TK = pos_P.view(T, K)
+        keep_TK = None if keep_P is None else keep_P.view(T, K)
+        out_TD = torch.zeros(T, y_SD.shape[1], dtype=torch.float32, device=y_SD.device)
+        for k in range(K):
+            out_TD.addcmul_(_gather_pairs(y_SD, pos_TK, keep_TK, k), weights_TK[:, k : k + 1])
+        ctx.save_for_backward(y_SD, weights_TK, order_S, pos_P, keep_P)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        y_SD, weights_TK, order_S, pos_P, keep_P = ctx.saved_tensors
+        T, K = weights_TK.shape
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # Dropped pairs have weight 0, so their rows get a zero gradient.
+            w_S = weights_TK.reshape(-1).index_select(0, order_S).unsqueeze(1)
+            grad_y = grad_TD.index_select(0, order_S // K).mul_(w_S).to(y_SD.dtype)
+        if ctx.needs_input_grad[1]:
+            pos_TK = pos_P.view(T, K)
+            keep_TK = None if keep_P is None else keep_P.view(T, K)
+            grad_w = torch.stack(
+                [(_gather_pairs(y_SD, pos_TK, keep_TK, k) * grad_TD).sum(1) for k in range(K)],
+                dim=1,
+            )
+        return grad_y, grad_w, None, None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -156,17 +212,9 @@ def weighted_combine(y_SD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -
     """out[t] = sum over t's pairs of weight * expert output, accumulated in fp32.
 
     y_SD: expert outputs of all T * K pairs in expert-sorted order (rows of dropped pairs may
-    hold anything). One gather back to token-major order, then a batched [1, K] x [K, D]
-    product per token: no [T * K, D] weighted copy and no scatter-add. The rows are converted
-    to fp32 only when they are not fp32 already.
+    hold anything, NaN included: they are masked, never multiplied). See `_Combine`.
     """
-    T, K = meta.weights_TK.shape
-    y_PD = permute_rows(y_SD, meta.pos_P, meta.order_S, meta.keep_P)
-    if y_PD.dtype != torch.float32:
-        y_PD = y_PD.float()
-    # bmm is on autocast's low-precision list; the combine stays fp32 by contract.
-    with torch.autocast(y_PD.device.type, enabled=False):
-        out_TD = torch.bmm(meta.weights_TK.unsqueeze(1), y_PD.view(T, K, -1)).squeeze(1)
+    out_TD = _Combine.apply(y_SD, meta.weights_TK, meta.order_S, meta.pos_P, meta.keep_P)
     return out_TD.to(out_dtype)
 
 
@@ -234,9 +282,7 @@ class LocalDispatcher(TokenDispatcher):
     def sum_over_batch(self, t: Tensor) -> Tensor:
         if self.batch_group is None:
             return t
-        t = t.detach().clone()
-        dist.all_reduce(t, group=self.batch_group)
-        return t
+        return funcol.all_reduce(t.detach(), "sum", group=self.batch_group).wait()
 
 
 def regroup_indices(recv_counts_SL: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
@@ -293,8 +339,12 @@ class AllToAllDispatcher(TokenDispatcher):
         keep_P = keep_P if may_drop else None
         rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
         send_counts_SL = counts_E.view(ep, L)
-        recv_counts_SL = torch.empty_like(send_counts_SL)
-        dist.all_to_all_single(recv_counts_SL, send_counts_SL, group=self.ep_group)
+        # Functional (out-of-place) collectives here and in sum_over_batch: selective
+        # activation checkpointing keeps their outputs, and a recompute reuses them instead
+        # of issuing the collective again; an in-place one would leave its buffer unwritten.
+        recv_counts_SL = funcol.all_to_all_single(
+            send_counts_SL, None, None, group=self.ep_group
+        ).wait()
         # The one device-to-host sync of the layer: both directions' split sizes in one copy.
         splits = (
             torch.cat([send_counts_SL.sum(1), recv_counts_SL.sum(1)]).to("cpu", copy=True).tolist()
@@ -335,7 +385,6 @@ class AllToAllDispatcher(TokenDispatcher):
         return weighted_combine(y_SD, meta, out_dtype)
 
     def sum_over_batch(self, t: Tensor) -> Tensor:
-        t = t.detach().clone()
-        if self.batch_group is not None:
-            dist.all_reduce(t, group=self.batch_group)
-        return t
+        if self.batch_group is None:
+            return t.detach().clone()
+        return funcol.all_reduce(t.detach(), "sum", group=self.batch_group).wait()

@@ -19,6 +19,15 @@ timeout, or a collective a backend does not time out in the calling thread), a m
 prints the same message at `parallel.timeout_s` + a margin and ends the process with exit
 code 124: a blocked collective cannot be interrupted from Python, and waiting forever is the
 one outcome not allowed.
+
+What a phase name proves depends on the backend. gloo runs a collective in the calling
+thread, so the phase where the host blocked is the phase of the hung collective. NCCL only
+enqueues a collective on a stream and returns; the host blocks later, at the next sync (a
+split-size copy, `.item()`, the next phase's wait), so the phase named is where the host
+waited, and the collective that hung may have been launched in an earlier one. On NCCL the
+message says so and points at NCCL's own watchdog (it times out the collective itself at
+the group's timeout) and its flight recorder (`TORCH_NCCL_TRACE_BUFFER_SIZE` > 0 records the
+last collectives, dumped on a timeout), which name the collective and its sequence number.
 """
 
 from __future__ import annotations
@@ -117,10 +126,18 @@ def _default_store() -> Any:
 class CollectiveWatch:
     """Names the collective phases of the loop and ends the run when one hangs."""
 
-    def __init__(self, *, rank: int, world_size: int, timeout_s: float) -> None:
+    def __init__(
+        self, *, rank: int, world_size: int, timeout_s: float, backend: str | None = None
+    ) -> None:
+        """backend: the default group's backend (read from it when None, "" without one);
+        it decides whether a phase name locates the hung collective (see the module doc)."""
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
+        if backend is None:
+            backend = str(dist.get_backend()) if dist.is_initialized() else ""
+        # "nccl", or "cpu:gloo,cuda:nccl" for a group with both
+        self.async_launch = "nccl" in backend.lower()
         # The backend's own timeout (if any) fires at timeout_s; the watchdog a bit later,
         # so that a raised error (which can be caught and reported) wins when there is one.
         self.margin_s = min(10.0, max(1.0, 0.2 * timeout_s))
@@ -232,10 +249,19 @@ class CollectiveWatch:
         self, name: str, step: int, group: list[int], *, cause: str = "", raised: bool = False
     ) -> str:
         """The error message: which collective, which step, which ranks did not arrive."""
-        msg = (
-            f"collective timeout: rank {self.rank} waited over parallel.timeout_s "
-            f"({self.timeout_s:g} s) in the {name} at step {step} (group ranks {group})"
-        )
+        if self.async_launch:
+            msg = (
+                f"collective timeout: rank {self.rank}'s host waited over parallel.timeout_s "
+                f"({self.timeout_s:g} s) in the {name} at step {step} (group ranks {group}); "
+                "NCCL launches collectives asynchronously, so the collective that hung may "
+                "have been launched in an earlier phase: NCCL's watchdog error and its flight "
+                "recorder dump (set TORCH_NCCL_TRACE_BUFFER_SIZE, e.g. 2000) name it"
+            )
+        else:
+            msg = (
+                f"collective timeout: rank {self.rank} waited over parallel.timeout_s "
+                f"({self.timeout_s:g} s) in the {name} at step {step} (group ranks {group})"
+            )
         suspects, answered = self._suspects([r for r in group if r != self.rank], raised=raised)
         if not answered:
             msg += (
