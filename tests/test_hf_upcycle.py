@@ -148,7 +148,12 @@ def _train_from_hf(
         ignore_sections=("cluster",),
     )
     run(up)
-    mx = load_config(tiny, _overrides(f"{out}/mx", mixtral, 1), ignore_sections=("cluster",))
+    # Its checkpoint, written by both ranks, is what the export test below reads.
+    mx = load_config(
+        tiny,
+        _overrides(f"{out}/mx", mixtral, 1, "checkpoint.every=1", "checkpoint.async_save=false"),
+        ignore_sections=("cluster",),
+    )
     run(mx)
     return tuple(  # type: ignore[return-value]
         [r["lm_loss"] for r in read_metrics(f"{out}/{name}/metrics.jsonl")] for name in ("up", "mx")
@@ -181,8 +186,10 @@ def _first_global_batch(out: str) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_runs_from_hf_at_ep2_start_at_transformers_loss_and_train(tmp_path):
-    """EP=2 (each rank holds half the experts): the upcycled run's first loss is the dense
-    model's on the same global batch, and it falls; a Mixtral checkpoint's is Mixtral's."""
+    """EP=2 (each rank holds half the experts, dense weights FSDP-sharded): the upcycled
+    run's first loss is the dense model's on the same global batch, and it falls; a Mixtral
+    checkpoint's is Mixtral's; and the checkpoint that run wrote at EP=2 exports to a
+    directory transformers loads with the trained model's logits."""
     from tests.test_hf_common import tiny_hf_mixtral
 
     llama, mixtral = str(tmp_path / "llama"), str(tmp_path / "mixtral")
@@ -198,3 +205,7 @@ def test_runs_from_hf_at_ep2_start_at_transformers_loss_and_train(tmp_path):
     assert abs(mx[0] - want_moe) < TOL, (mx[0], want_moe)
     assert len(up) == 12
     assert min(up[-3:]) < 0.8 * up[0], up
+
+    from tests.test_hf_export import check_export_of_run
+
+    check_export_of_run(str(tmp_path / "run" / "mx"), str(tmp_path / "export"))
