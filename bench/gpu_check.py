@@ -8,8 +8,16 @@
    through the real loop: tokens/s, MFU against the device's peak, and J/token from the
    NVML total-energy counter (deltas between logged steps), as the loop logs them.
 4. The NVML sampler's cost per read against that run's step time.
+5. The MoE path's GPU-only risks, which CPU tests can only simulate: the router's logits and
+   weights fp32 under bf16 autocast; with capacity drops (the grouped GEMM leaves the rows
+   past its last offset unwritten, and the caching allocator hands back dirty memory),
+   input and weight gradients finite and equal to a per-expert reference over the kept pairs
+   only; and `torch.cuda.set_sync_debug_mode("warn")` counting the synchronizing operations
+   of one MoE layer forward and backward (budget 0 at EP=1; the all-to-all path's one copy
+   needs two GPUs and is counted on CPU by tests/test_moe_gpu_path.py).
 
-    python bench/gpu_check.py            # exits with a message where there is no CUDA GPU
+    python bench/gpu_check.py              # exits with a message where there is no CUDA GPU
+    python bench/gpu_check.py --cpu-smoke  # part 5 on the CPU, small: checks the script only
 """
 
 from __future__ import annotations
@@ -69,8 +77,17 @@ def moe_vs_dense(rows: list[tuple[str, str, str]]) -> None:
             y = out[0] if is_moe else out
         y.squeeze(0).backward(grad)
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from moe_layer import titan_moe
+
+    def step_titan() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = titan_moe(moe, x)
+        y.backward(grad)
+
     t_moe = cuda_time_ms(lambda: step(moe, True))
     t_dense = cuda_time_ms(lambda: step(dense, False))
+    t_titan = cuda_time_ms(step_titan)
     flops = 6.0 * tokens * 3 * dim * cfg.top_k * cfg.expert_hidden  # fwd + bwd, expert matmuls
     rows.append(
         (
@@ -78,7 +95,8 @@ def moe_vs_dense(rows: list[tuple[str, str, str]]) -> None:
             f"top-{cfg.top_k}, F={cfg.expert_hidden})",
             f"{t_moe:.2f} ms  {flops / t_moe / 1e9:.0f} TFLOP/s",
             f"dense-active SwiGLU {t_dense:.2f} ms ({flops / t_dense / 1e9:.0f} TFLOP/s); "
-            f"MoE/dense {t_moe / t_dense:.2f}x",
+            f"MoE/dense {t_moe / t_dense:.2f}x; torchtitan's algorithm {t_titan:.2f} ms "
+            f"({t_titan / t_dense:.2f}x dense)",
         )
     )
 
@@ -195,7 +213,130 @@ def sampler_overhead(rows: list[tuple[str, str, str]], step_s: float) -> None:
     )
 
 
+def _kept_by_affinity(ids_TK: torch.Tensor, scores_TK: torch.Tensor, E: int, cap: int):
+    """Per expert, its cap highest-scoring pairs (ties: lower token first), as a [T, K] mask;
+    written independently of trainer.moe.drop_overflow."""
+    keep = torch.zeros_like(ids_TK, dtype=torch.bool)
+    flat_ids, flat_scores, flat_keep = ids_TK.reshape(-1), scores_TK.reshape(-1), keep.view(-1)
+    for e in range(E):
+        pairs = torch.nonzero(flat_ids == e).squeeze(1)
+        best = torch.argsort(flat_scores[pairs], descending=True, stable=True)[:cap]
+        flat_keep[pairs[best]] = True
+    return keep
+
+
+def moe_gpu_path(rows: list[tuple[str, str, str]], dev: torch.device, *, small: bool) -> None:
+    import warnings
+
+    import torch.nn.functional as F
+
+    from trainer.config import MoEConfig
+    from trainer.moe import MoE, capacity
+
+    T, D = (256, 64) if small else (8192, 1024)
+    cfg = MoEConfig(
+        num_experts=16,
+        top_k=4,
+        expert_hidden=64 if small else 512,
+        capacity_factor=1.0,
+        aux_loss_coef=0.01,
+    )
+    torch.manual_seed(0)
+    moe = MoE(D, cfg).to(dev)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.05)
+        moe.router.weight.normal_(0, 0.5)  # an uneven router, so that capacity drops
+    moe.train()
+    x = torch.randn(T, D, device=dev)
+
+    # Router dtype under bf16 autocast.
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        r = moe.router(x)
+    dtypes = {n: getattr(r, n).dtype for n in ("logits_TE", "scores_TE", "weights_TK")}
+    ok = all(d == torch.float32 for d in dtypes.values())
+    rows.append(
+        (
+            "router under bf16 autocast",
+            "fp32" if ok else "NOT fp32",
+            ", ".join(f"{n} {str(d).removeprefix('torch.')}" for n, d in dtypes.items()),
+        )
+    )
+
+    # Drops: gradients against a per-expert loop over the kept pairs, in fp32 without TF32.
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        grad_out = torch.randn(T, D, device=dev)
+        if dev.type == "cuda":
+            # Dirty the caching allocator's blocks with NaN before the step.
+            for n in (1 << 20, 1 << 22, 1 << 24):
+                torch.full((n,), float("nan"), device=dev)
+        xa = x.clone().requires_grad_()
+        out, _ = moe(xa.unsqueeze(0))
+        (out[0] * grad_out).sum().backward()
+        w1_grad = moe.experts.w1.grad.clone()
+        moe.zero_grad()
+        xb = x.clone().requires_grad_()
+        rr = moe.router(xb)
+        keep = _kept_by_affinity(rr.ids_TK, rr.scores_TK, cfg.num_experts, capacity(T, cfg))
+        ex = moe.experts
+        ref = torch.zeros_like(xb)
+        for e in range(cfg.num_experts):
+            tok, k = torch.nonzero((rr.ids_TK == e) & keep, as_tuple=True)
+            h = F.silu(xb[tok] @ ex.w1[e]) * (xb[tok] @ ex.w3[e])
+            ref = ref.index_add(0, tok, (h @ ex.w2[e]) * rr.weights_TK[tok, k, None])
+        (ref * grad_out).sum().backward()
+        finite = bool(torch.isfinite(xa.grad).all()) and bool(torch.isfinite(w1_grad).all())
+        err_x = ((xa.grad - xb.grad).abs().max() / xb.grad.abs().max()).item()
+        err_w = ((w1_grad - ex.w1.grad).abs().max() / ex.w1.grad.abs().max()).item()
+        dropped = int((~keep).sum())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    rows.append(
+        (
+            f"gradients with drops ({dropped} of {T * cfg.top_k} pairs dropped)",
+            ("finite" if finite else "NON-FINITE") + f", max rel err x {err_x:.1e} w1 {err_w:.1e}",
+            "against a per-expert loop over the kept pairs (fp32, TF32 off); want < 1e-4",
+        )
+    )
+
+    # Synchronizing operations of one layer, forward and backward, bf16 autocast.
+    if dev.type != "cuda":
+        rows.append(("sync debug mode", "skipped", "CUDA only"))
+        return
+    for cf in (0.0, 1.0):
+        moe.cfg.capacity_factor = cf
+        xs = x.clone().requires_grad_()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out, losses = moe(xs.unsqueeze(0))
+                (out.float().sum() + losses.aux_loss).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        where = "; ".join(sorted({f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in syncs}))
+        rows.append(
+            (
+                f"host syncs, one MoE layer fwd+bwd at EP=1, capacity_factor {cf:g}",
+                f"{len(syncs)}",
+                f"budget 0{'; at ' + where if where else ''}",
+            )
+        )
+    moe.cfg.capacity_factor = 1.0
+
+
 def main() -> int:
+    if "--cpu-smoke" in sys.argv:
+        rows: list[tuple[str, str, str]] = []
+        moe_gpu_path(rows, torch.device("cpu"), small=True)
+        for a, b, c in rows:
+            print(f"{a:<60}  {b:<40}  {c}")
+        return 0
     if not torch.cuda.is_available():
         print(
             "gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); this "
@@ -204,8 +345,10 @@ def main() -> int:
         )
         return 2
     name = torch.cuda.get_device_name(0)
-    rows: list[tuple[str, str, str]] = [("device", name, f"torch {torch.__version__}")]
+    rows = [("device", name, f"torch {torch.__version__}")]
     t0 = time.perf_counter()
+    moe_gpu_path(rows, torch.device("cuda"), small=False)
+    torch.cuda.empty_cache()
     for part in (moe_vs_dense, grouped_vs_dense):
         part(rows)
         torch.cuda.empty_cache()
