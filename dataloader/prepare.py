@@ -286,7 +286,7 @@ def prepare(
             else:
                 _emit(w, bar, np.concatenate([tok.encode(doc), eod]))
         for w in (writer, val_writer):
-            if w is not None and batches[id(w)]:
+            if w is not None and batches[id(w)] and isinstance(tok, HFTokenizer):
                 _emit_batch(w, bar, tok, batches[id(w)], eod)
                 batches[id(w)].clear()
         bar.shards = len(writer.manifest.shards)

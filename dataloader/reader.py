@@ -307,16 +307,16 @@ class ShardSource:
         """The shard's Parquet footer, checked against the manifest; one request per shard
         however many threads ask at once."""
         with self._lock:
-            fut = self._footers.get(shard_idx)
-            owner = fut is None
-            if owner:
-                fut = self._footers[shard_idx] = Future()
+            found = self._footers.get(shard_idx)
+            if found is None:
+                fut: Future = Future()
+                self._footers[shard_idx] = fut
                 if len(self._footers) > 1024:
                     self._footers.popitem(last=False)
             else:
                 self._footers.move_to_end(shard_idx)
-        if not owner:
-            return fut.result()
+        if found is not None:
+            return found.result()
         try:
             meta = self._read_footer(shard_idx)
         except BaseException as e:
@@ -502,6 +502,7 @@ class ShardSource:
             if k in self._bad_blocks:
                 continue
             # The substitute group is kept (one at a time) for the bad group's other rows.
+            rows: np.ndarray | None
             if self._substitute is not None and self._substitute[0] == k:
                 rows = self._substitute[1]
             else:

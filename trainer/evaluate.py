@@ -81,7 +81,7 @@ class Evaluator:
         """
         was_training = model.training
         moes = model.moe_layers()
-        saved = [(m.routed_E.clone(), m.dropped.clone()) for m in moes]
+        saved = [(m.get_buffer("routed_E").clone(), m.get_buffer("dropped").clone()) for m in moes]
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
@@ -97,8 +97,8 @@ class Evaluator:
                 sums[1] += targets.numel()
         finally:
             for m, (routed, dropped) in zip(moes, saved, strict=True):
-                m.routed_E.copy_(routed)
-                m.dropped.copy_(dropped)
+                m.get_buffer("routed_E").copy_(routed)
+                m.get_buffer("dropped").copy_(dropped)
             model.train(was_training)
         if self.mesh.world_size > 1:
             dist.all_reduce(sums, group=self.mesh.group("world"))
