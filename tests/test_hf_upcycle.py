@@ -155,6 +155,24 @@ def _train_from_hf(
         ignore_sections=("cluster",),
     )
     run(mx)
+    # A moeyard checkpoint (the one just written) as init_from at EP=2: each rank's local
+    # shards equal the slices of the consolidated tensors.
+    from trainer.checkpoint import consolidated_model_state, model_state, resolve_checkpoint
+    from trainer.init_from import copy_full_into
+    from trainer.loop import setup
+
+    again = load_config(
+        tiny, _overrides(f"{out}/again", f"{out}/mx", 1), ignore_sections=("cluster",)
+    )
+    state = setup(again)
+    state.source.close()
+    full = consolidated_model_state(resolve_checkpoint(f"{out}/mx"))
+    for key, t in model_state(state.model).items():
+        want = torch.empty_like(t)
+        copy_full_into(want, full[key[len("model.") :]])
+        local = t.to_local() if hasattr(t, "to_local") else t
+        wl = want.to_local() if hasattr(want, "to_local") else want
+        assert torch.equal(local, wl), key
     return tuple(  # type: ignore[return-value]
         [r["lm_loss"] for r in read_metrics(f"{out}/{name}/metrics.jsonl")] for name in ("up", "mx")
     )
