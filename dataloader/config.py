@@ -161,10 +161,15 @@ class DataConfig:
         if self.source == "mix":
             # Each entry has its own epochs; data.epochs would be a second, unclear limit.
             ignored.append("epochs")
+        if not self.shuffle and self.source != "corpus":
+            ignored.append("shuffle_window")  # the window only shuffles
         for key in ignored:
             if getattr(self, key) != defaults[key]:
+                why = (
+                    "data.shuffle is false"
+                    if key == "shuffle_window" and self.source != "corpus"
+                    else f"data.source is {self.source!r}"
+                )
                 warnings.warn(
-                    f"data.{key} ({getattr(self, key)!r}) is ignored: data.source is "
-                    f"{self.source!r}",
-                    stacklevel=3,
+                    f"data.{key} ({getattr(self, key)!r}) is ignored: {why}", stacklevel=3
                 )

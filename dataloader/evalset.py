@@ -43,9 +43,18 @@ class EvalSet:
                 f"eval.batch_size ({batch_size}) must be at least the number of ranks "
                 f"({world_size}): every rank evaluates part of each batch"
             )
-        # The run's I/O settings; the eval set's own path, in file order, without limits.
+        # The run's I/O settings; the eval set's own path, in file order, without limits
+        # (and the defaults where a setting does not apply, so that none warns again).
         cfg = replace(
-            data, source="shards", path=path, mix=[], shuffle=False, epochs=0, token_budget=0
+            data,
+            source="shards",
+            path=path,
+            mix=[],
+            shuffle=False,
+            shuffle_window=DataConfig.shuffle_window,
+            corpus_max_bytes=DataConfig.corpus_max_bytes,
+            epochs=0,
+            token_budget=0,
         )
         reader = ShardSource(
             cfg, seq_len=seq_len, micro_batch_size=1, rank=0, world_size=1, seed=0, prefetch=False

@@ -190,7 +190,15 @@ class MixSource:
         self.sources: list[ShardSource] = []
         try:
             for e in self.entries:
-                sub = replace(cfg, source="shards", path=e.path, mix=[], epochs=0, token_budget=0)
+                sub = replace(
+                    cfg,
+                    source="shards",
+                    path=e.path,
+                    mix=[],
+                    epochs=0,
+                    token_budget=0,
+                    corpus_max_bytes=DataConfig.corpus_max_bytes,
+                )
                 self.sources.append(
                     ShardSource(
                         sub,

@@ -74,6 +74,10 @@ def test_a_path_beside_an_explicit_corpus_source_is_an_error_naming_both_keys() 
         (["data.on_bad_shard=skip"], r"data\.on_bad_shard \('skip'\) is ignored"),
         (["data.endpoint_url=http://x"], r"data\.endpoint_url .* is ignored"),
         (
+            ["data.path=p", "data.shuffle=false", "data.shuffle_window=3"],
+            r"data\.shuffle_window \(3\) is ignored: data\.shuffle is false",
+        ),
+        (
             ["data.path=p", "data.corpus_max_bytes=10"],
             r"data\.corpus_max_bytes \(10\) is ignored: data\.source is 'shards'",
         ),

@@ -290,3 +290,5 @@ def test_an_eval_set_too_small_or_split_too_thin_is_an_error(data, tmp_path) -> 
         setup(cfg_for(data, str(tmp_path / "r"), "parallel.ep=1", "eval.every=1", "eval.steps=500"))
     with pytest.warns(UserWarning, match=r"eval\.path .* is ignored: eval\.every is 0"):
         load_config(None, ["eval.path=somewhere"])
+    with pytest.warns(UserWarning, match=r"eval\.steps \(3\) is ignored: eval\.every is 0"):
+        load_config(None, ["eval.steps=3"])

@@ -484,10 +484,13 @@ class JobConfig:
                 f"when data.source is 'shards' (it is {self.data.source!r})",
             )
             ev.path = self.data.path.rstrip("/") + "/val"
-        if not ev.every and ev.path:
-            warnings.warn(
-                f"eval.path ({ev.path!r}) is ignored: eval.every is 0 (off)", stacklevel=3
-            )
+        if not ev.every:
+            for key, default in (("path", ""), ("steps", 10), ("batch_size", 8)):
+                if getattr(ev, key) != default:
+                    warnings.warn(
+                        f"eval.{key} ({getattr(ev, key)!r}) is ignored: eval.every is 0 (off)",
+                        stacklevel=3,
+                    )
         d = self.distill
         if not d.teacher and (d.alpha, d.temperature) != (0.5, 1.0):
             warnings.warn(
