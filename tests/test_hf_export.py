@@ -204,7 +204,13 @@ def check_export_of_run(run_dir: str, out: str) -> None:
 
 _MEASURE = r"""
 import json, sys
-from trainer.export import export_hf
+from trainer.export import export, export_hf
+
+def run(out):
+    if sys.argv[4] == "hf":
+        return export_hf(sys.argv[1], out, max_shard_bytes=int(sys.argv[3]))["bytes"]
+    export(sys.argv[1], out, max_group_bytes=int(sys.argv[3]))
+    return None
 
 def hwm_kib():
     for line in open("/proc/self/status"):
@@ -216,16 +222,17 @@ def rss_kib():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
 
-export_hf(sys.argv[1], sys.argv[2] + "/warm", max_shard_bytes=int(sys.argv[3]))
+run(sys.argv[2] + "/warm")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets the peak to the current RSS
 base = rss_kib()
-done = export_hf(sys.argv[1], sys.argv[2] + "/hf", max_shard_bytes=int(sys.argv[3]))
-print(json.dumps({"peak_extra": (hwm_kib() - base) * 1024, "bytes": done["bytes"]}))
+written = run(sys.argv[2] + "/out")
+print(json.dumps({"peak_extra": (hwm_kib() - base) * 1024, "bytes": written}))
 """
 
 
-def test_export_peak_memory_stays_far_below_the_model_size(tmp_path):
+@pytest.mark.parametrize("fmt", ["hf", "moeyard"])
+def test_export_peak_memory_stays_far_below_the_model_size(tmp_path, fmt):
     """The export's peak RSS above its baseline, in a fresh process (torch's storages are
     invisible to tracemalloc), against the bound of the module docstring: about three
     shards plus the largest tensor."""
@@ -244,7 +251,7 @@ def test_export_peak_memory_stays_far_below_the_model_size(tmp_path):
     largest = max(v.numel() * v.element_size() for v in model.state_dict().values())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
-        [sys.executable, "-c", _MEASURE, ckpt, str(tmp_path), str(shard)],
+        [sys.executable, "-c", _MEASURE, ckpt, str(tmp_path), str(shard), fmt],
         capture_output=True,
         text=True,
         env=env,
@@ -254,9 +261,19 @@ def test_export_peak_memory_stays_far_below_the_model_size(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     bound = 3 * shard + largest + (8 << 20)  # + allocator and import slack
     print(
-        f"model {model_bytes / 2**20:.1f} MiB, peak above baseline "
+        f"export --format {fmt}: model {model_bytes / 2**20:.1f} MiB, peak above baseline "
         f"{got['peak_extra'] / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
     )
-    assert got["bytes"] == model_bytes
+    if fmt == "hf":
+        assert got["bytes"] == model_bytes
+    else:  # the one file holds every tensor of the checkpoint, byte for byte
+        from safetensors.torch import load_file
+
+        from trainer.checkpoint import consolidated_model_state
+
+        back = load_file(str(tmp_path / "out" / "model.safetensors"))
+        want = consolidated_model_state(ckpt)
+        assert sorted(back) == sorted(want)
+        assert all(torch.equal(back[k], want[k]) for k in want)
     assert bound < model_bytes / 3
     assert got["peak_extra"] < bound

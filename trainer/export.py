@@ -6,7 +6,9 @@ newest complete checkpoint), written at any EP/FSDP layout. DIR is any fsspec UR
 
 `--format moeyard` (the default): `model.safetensors`, the whole model's state dict with
 experts under their global ids (the keys of `Transformer.state_dict()`), and `config.yaml`,
-the run's resolved config. `load_exported` builds the model from both in one process.
+the run's resolved config. `load_exported` builds the model from both in one process. The
+file streams too: its header comes from the checkpoint's metadata, then the tensors in
+groups of at most `--max-shard-size`.
 
 `--format hf`: a directory `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
 with no custom code: `config.json` (`MixtralForCausalLM` or `DeepseekV2ForCausalLM`, see
@@ -28,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import struct
 import sys
 import tempfile
 from typing import Any
@@ -36,7 +39,6 @@ import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
@@ -44,13 +46,21 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from trainer.checkpoint import (
     CheckpointError,
     RangeReader,
-    consolidated_model_state,
     read_metadata,
     read_objects,
     resolve_checkpoint,
 )
 from trainer.config import ConfigError, JobConfig, load_config
-from trainer.hf import INDEX, HFError, TensorMap, architecture, hf_config, tensor_map, to_hf
+from trainer.hf import (
+    INDEX,
+    ST_DTYPE_NAMES,
+    HFError,
+    TensorMap,
+    architecture,
+    hf_config,
+    tensor_map,
+    to_hf,
+)
 from trainer.model import Transformer
 
 MODEL_FILE = "model.safetensors"
@@ -60,19 +70,62 @@ DEFAULT_SHARD_BYTES = 2 << 30
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def export(checkpoint: str, out: str) -> str:
+def export(checkpoint: str, out: str, *, max_group_bytes: int = DEFAULT_SHARD_BYTES) -> str:
     """Writes `out/model.safetensors` and `out/config.yaml`; returns the checkpoint used.
+
+    The file is written as it is read: its header comes from the checkpoint's metadata,
+    then the tensors follow in storage order, loaded in groups of at most
+    `max_group_bytes`, so memory holds one group, never the model.
 
     Raises:
         CheckpointError: `checkpoint` is not a complete checkpoint (nor a run holding one).
     """
     url = resolve_checkpoint(checkpoint)
-    tensors = {k: v.contiguous() for k, v in consolidated_model_state(url).items()}
+    md = read_metadata(url)
     config_yaml = read_objects(url, ["meta.config"])["meta.config"]
+    meta = md.state_dict_metadata
+    keys = [k for k, m in meta.items() if k.startswith("model.")]
+    keys = [k for k in keys if isinstance(meta[k], TensorStorageMetadata)]
+    order = _storage_order(md, keys)
+    keys.sort(key=lambda k: order.get(k, ("", 0)))
+    header: dict[str, Any] = {"__metadata__": {"checkpoint": url}}
+    groups: list[list[str]] = [[]]
+    offset = group_bytes = 0
+    for k in keys:
+        m = meta[k]
+        assert isinstance(m, TensorStorageMetadata)
+        numel = 1
+        for n in m.size:
+            numel *= n
+        nbytes = numel * m.properties.dtype.itemsize
+        header[k[len("model.") :]] = {
+            "dtype": ST_DTYPE_NAMES[m.properties.dtype],
+            "shape": list(m.size),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+        if groups[-1] and group_bytes + nbytes > max_group_bytes:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(k)
+        group_bytes += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes
     fs, path = fsspec.core.url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/{MODEL_FILE}", "wb") as f:
-        f.write(st_save(tensors, metadata={"checkpoint": url}))
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for group in groups:
+            request: dict[str, Any] = {}
+            for k in group:
+                m = meta[k]
+                assert isinstance(m, TensorStorageMetadata)
+                request[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            dcp.load(request, storage_reader=RangeReader(url), no_dist=True)
+            for k in group:
+                t = request.pop(k).contiguous()
+                f.write(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
     with fs.open(f"{path}/{CONFIG_FILE}", "w") as f:
         f.write(config_yaml)
     return url
@@ -299,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         help="hf: weights dtype (default: as stored)",
     )
     parser.add_argument(
-        "--max-shard-size", type=_size, default=DEFAULT_SHARD_BYTES, help="hf: per shard (2GB)"
+        "--max-shard-size",
+        type=_size,
+        default=DEFAULT_SHARD_BYTES,
+        help="bytes per output shard (hf) or per read (moeyard); 2GB",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.format == "moeyard" and args.dtype:
@@ -316,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             return 0
-        url = export(args.checkpoint, args.out)
+        url = export(args.checkpoint, args.out, max_group_bytes=args.max_shard_size)
     except (CheckpointError, ConfigError, HFError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2

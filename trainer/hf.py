@@ -467,6 +467,7 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+ST_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 @dataclass(frozen=True)
