@@ -51,7 +51,11 @@ def test_mixtral_export_loads_in_transformers_with_the_same_logits(tmp_path):
     model = make_model(cfg, seed=1)
     ckpt = write_checkpoint(model, str(tmp_path / "ckpt"))
     out = str(tmp_path / "hf")
-    assert main([ckpt, "--out", out, "--format", "hf", "--max-shard-size", "20KB"]) == 0
+    from cluster.cli import main as moeyard
+
+    assert (
+        moeyard(["export", ckpt, "--out", out, "--format", "hf", "--max-shard-size", "20KB"]) == 0
+    )
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"]
     index = json.loads((tmp_path / "hf" / INDEX).read_text())
