@@ -281,3 +281,33 @@ def test_export_peak_memory_stays_far_below_the_model_size(tmp_path, fmt):
         assert all(torch.equal(back[k], want[k]) for k in want)
     assert bound < model_bytes / 3
     assert got["peak_extra"] < bound
+
+
+@pytest.mark.parametrize(
+    ("pattern", "arch"),
+    [
+        ("mixtral-8x7b-*", "MixtralForCausalLM"),
+        ("deepseek-v2-h*", "DeepseekV2ForCausalLM"),
+        ("deepseek-v2-lite-*", "DeepseekV2ForCausalLM"),
+    ],
+)
+def test_published_presets_export_as_transformers_models_of_the_same_size(pattern, arch):
+    """The config.json of each published preset builds (on the meta device) a transformers
+    model with exactly moeyard's parameter count: 46.7B, 236B, 15.7B."""
+    import glob
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.flops import param_counts
+    from trainer.hf import hf_config
+
+    (path,) = glob.glob(str(ROOT / "infra" / "runs" / f"{pattern}.yaml"))
+    cfg = load_config(path, ignore_sections=("cluster",)).model
+    config = hf_config(cfg, dtype=torch.bfloat16)
+    assert config["architectures"] == [arch]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(config.pop("model_type"), **config)
+        )
+    assert type(model).__name__ == arch
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg).total
