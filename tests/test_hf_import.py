@@ -281,3 +281,21 @@ def test_hf_logits_helper_reads_what_export_wrote(tmp_path):
         torch.testing.assert_close(
             hf_logits(src, tokens), hf_model(input_ids=tokens).logits, rtol=0, atol=0
         )
+
+
+def test_init_from_an_object_store_url(s3_bucket, tmp_path):
+    """The same checkpoint on S3: headers and tensors come by ranged reads."""
+    import fsspec
+
+    src = str(tmp_path / "hf")
+    hf_model = tiny_hf_mixtral(src)
+    url = f"{s3_bucket}/hf/mixtral"
+    fs, path = fsspec.core.url_to_fs(url)
+    for f in sorted(os.listdir(src)):
+        fs.put_file(os.path.join(src, f), f"{path}/{f}")
+    model = _moeyard_from(url)
+    tokens = torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(tokens).logits, hf_model(input_ids=tokens).logits, rtol=0, atol=TOL
+        )
