@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from dataloader.prepare import prepare
+from tests.distributed import run_ranks
 from trainer.config import ConfigError, JobConfig, load_config, to_yaml
 from trainer.distill import kl_teacher_student
 from trainer.export import export
@@ -35,9 +36,8 @@ SMALL = [
     "ops.telemetry=false",
     "data.source=auto",
     "parallel.ep=1",
-    "eval.steps=4",
-    "eval.batch_size=8",
 ]
+EVAL = ["eval.steps=4", "eval.batch_size=8"]
 
 
 class Record:
@@ -63,7 +63,13 @@ def data(tmp_path_factory) -> str:
 def cfg_for(data: str, out: Path, *extra: str) -> JobConfig:
     return load_config(
         PRESET,
-        [*SMALL, f"data.path={data}", f"run.output_dir={out}", *extra],
+        [
+            *SMALL,
+            *(EVAL if any(x.startswith("eval.every") for x in extra) else []),
+            f"data.path={data}",
+            f"run.output_dir={out}",
+            *extra,
+        ],
         ignore_sections=("cluster",),
     )
 
@@ -88,18 +94,22 @@ def test_kl_by_hand() -> None:
     assert kl_teacher_student(*two, temperature=1.0).item() == pytest.approx(want / 2)
 
 
-def test_a_teacher_equal_to_the_students_initial_weights_gives_kl_0_at_step_0(
-    data, tmp_path
-) -> None:
-    cfg = cfg_for(data, tmp_path / "run", "train.steps=2")
-    teacher_dir = tmp_path / "teacher"
-    # An export of the initial weights, in `moeyard export`'s format.
+def export_initial_weights(cfg: JobConfig, teacher_dir: Path) -> None:
+    """The student's initial weights (one process, EP 1) in `moeyard export`'s format."""
     model = materialize(build_model(cfg.model), device=torch.device("cpu"), seed=cfg.train.seed)
     fs, _ = fsspec.core.url_to_fs(str(teacher_dir))
     fs.makedirs(str(teacher_dir), exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     (teacher_dir / "model.safetensors").write_bytes(st_save(state))
     (teacher_dir / "config.yaml").write_text(to_yaml(cfg))
+
+
+def test_a_teacher_equal_to_the_students_initial_weights_gives_kl_0_at_step_0(
+    data, tmp_path
+) -> None:
+    cfg = cfg_for(data, tmp_path / "run", "train.steps=2")
+    teacher_dir = tmp_path / "teacher"
+    export_initial_weights(cfg, teacher_dir)
     rec = Record()
     cfg = cfg_for(
         data,
@@ -118,6 +128,30 @@ def test_a_teacher_equal_to_the_students_initial_weights_gives_kl_0_at_step_0(
     # losses moved the weights, and the KL stays small but is no longer exactly 0.
     assert 0 < second["distill_kl"] < 0.05
     assert first["lm_loss"] > 4.0  # the cross-entropy is still logged, untouched
+
+
+def _first_kl(rank: int, world: int, data: str, out: str, teacher: str) -> float:
+    rec = Record()
+    cfg = cfg_for(
+        data,
+        Path(out),
+        "train.steps=1",
+        "parallel.ep=2",
+        "distill.alpha=1.0",
+        f"distill.teacher={teacher}",
+    )
+    run(cfg, sinks=[rec])
+    return float(rec.records[0]["distill_kl"]) if rank == 0 else 0.0
+
+
+@pytest.mark.slow
+def test_the_teacher_is_sharded_like_the_student_at_ep_2(data, tmp_path) -> None:
+    # Exported at EP 1, loaded by two ranks that each hold half of every layer's experts:
+    # a wrong expert in the teacher would make the step-0 KL positive.
+    teacher_dir = tmp_path / "teacher"
+    export_initial_weights(cfg_for(data, tmp_path / "x"), teacher_dir)
+    kl0, _ = run_ranks(_first_kl, 2, data, str(tmp_path / "run"), str(teacher_dir))
+    assert abs(kl0) < 1e-6
 
 
 def test_a_distilled_student_reaches_a_lower_val_loss_than_the_student_alone(

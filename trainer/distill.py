@@ -169,7 +169,10 @@ def build_teacher(cfg: JobConfig, *, mesh: Mesh, device: torch.device) -> Transf
         )
     teacher = build_model(tcfg)
     parallelize(teacher, mesh)
-    materialize(teacher, device=device, seed=cfg.train.seed)
+    # Every weight is overwritten below. Drawn from another seed than the student's, a
+    # tensor the load missed would differ from the student's (a test with the student's own
+    # initial weights as teacher would see a KL above 0), not hide behind an equal draw.
+    materialize(teacher, device=device, seed=cfg.train.seed + 1)
     if kind == "export":
         _load_export(teacher, url)
     else:
