@@ -19,7 +19,7 @@ from dataloader.prepare import prepare
 from tests.distributed import run_ranks
 from trainer.config import ConfigError, JobConfig, load_config, to_yaml
 from trainer.distill import kl_teacher_student
-from trainer.export import export
+from trainer.export import export, export_hf
 from trainer.loop import run, setup
 from trainer.model import build_model, materialize
 
@@ -221,3 +221,38 @@ def test_a_missing_or_mismatched_teacher_is_an_error_naming_distill_teacher(data
         setup(cfg_for(data, tmp_path / "c", f"distill.teacher={other}"))
     with pytest.warns(UserWarning, match=r"distill\.alpha \(0\.7\) .* ignored"):
         load_config(None, ["distill.alpha=0.7"])
+
+
+def test_a_transformers_teacher_gives_the_same_kl_as_the_moeyard_export(data, tmp_path) -> None:
+    # Mixtral-shaped (top-2, renormalized), so `moeyard export --format hf` can write it.
+    mixtral = "model.moe.norm_topk_prob=true"
+    teacher_run = tmp_path / "teacher-run"
+    run(
+        cfg_for(
+            data,
+            teacher_run,
+            mixtral,
+            "train.steps=5",
+            "checkpoint.every=5",
+            "checkpoint.async_save=false",
+        ),
+        sinks=[],
+    )
+    export(str(teacher_run), str(tmp_path / "moeyard"))
+    export_hf(str(teacher_run), str(tmp_path / "hf"))
+    kls = []
+    for kind in ("moeyard", "hf"):
+        rec = Record()
+        run(
+            cfg_for(
+                data,
+                tmp_path / f"student-{kind}",
+                mixtral,
+                "train.steps=1",
+                f"distill.teacher={tmp_path / kind}",
+            ),
+            sinks=[rec],
+        )
+        kls.append(rec.records[0]["distill_kl"])
+    assert kls[0] > 1e-3  # a trained teacher and a fresh student disagree
+    assert kls[1] == pytest.approx(kls[0], rel=1e-5)
