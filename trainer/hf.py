@@ -5,8 +5,7 @@ sharded safetensors directories on any fsspec URL that fetches one tensor at a t
 Shape legend: E experts, D model dim, F expert hidden, H heads, N qk_nope_head_dim,
 R qk_rope_head_dim, C kv_lora_rank.
 
-What maps to what (tested against the installed transformers, 5.x; 4.x reads the same
-files):
+What maps to what (tested against transformers 5.x, whose modeling code is the reference):
 
     moeyard                                   transformers
     model.attention=gqa, no shared experts,   MixtralForCausalLM
