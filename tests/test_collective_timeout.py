@@ -3,10 +3,10 @@ parallel.timeout_s (plus the watchdog's margin) with an error naming the collect
 and the rank that never arrived. Never a hang.
 
 Two gloo ranks in their own processes, rendezvous through a file store. Rank 1 stops at step
-3 before a chosen phase: asleep before the gradient all-reduce on the world group (gloo
-raises its own timeout, re-raised with context), or SIGSTOPped before the gradient-norm
-all-reduce on the expert-parallel group (created with the backend's default timeout, so
-the watchdog ends rank 0)."""
+3 before the gradient-norm all-reduce (over the mesh's dp_shard group, created with
+parallel.timeout_s): asleep at EP=1 (gloo raises its own timeout, re-raised with context), or
+SIGSTOPped at EP=2 (gloo usually raises first; the watchdog ends rank 0 when nothing does).
+Gradients themselves are reduced inside backward by FSDP, in the forward/backward phase."""
 
 from __future__ import annotations
 
@@ -83,18 +83,18 @@ def run_pair(tmp_path: Path, *, target: str, how: str, ep: int) -> tuple[int, st
                 p.wait()
 
 
-def test_sleeping_rank_in_world_all_reduce_is_named(tmp_path) -> None:
-    rc, err, _ = run_pair(tmp_path, target="sync_gradients", how="sleep", ep=1)
+def test_sleeping_rank_in_grad_norm_all_reduce_is_named(tmp_path) -> None:
+    rc, err, _ = run_pair(tmp_path, target="clip_grad_norm_", how="sleep", ep=1)
     assert rc != 0 and "finished" not in err
     assert "CollectiveTimeout" in err, err[-3000:]
-    assert "in the gradient all-reduce (sync_gradients) at step 3" in err, err[-3000:]
+    assert "in the gradient-norm all-reduce (clip_grad_norm_) at step 3" in err, err[-3000:]
     assert "not answering: rank 1 (entered it and stopped answering in it)" in err, err[-3000:]
     assert f"parallel.timeout_s ({TIMEOUT_S} s)" in err
 
 
-def test_stopped_rank_in_ep_all_reduce_ends_run_naming_it(tmp_path) -> None:
-    # The EP group carries parallel.timeout_s too, so gloo usually raises first (exit 1 with
-    # the named error); the watchdog (exit 124) is the backstop when nothing raises.
+def test_stopped_rank_at_ep2_ends_run_naming_it(tmp_path) -> None:
+    # The mesh's groups carry parallel.timeout_s too, so gloo usually raises first (exit 1
+    # with the named error); the watchdog (exit 124) is the backstop when nothing raises.
     rc, err, _ = run_pair(tmp_path, target="clip_grad_norm_", how="stop", ep=2)
     assert rc in (1, WATCHDOG_EXIT_CODE), err[-3000:]
     assert "in the gradient-norm all-reduce (clip_grad_norm_) at step 3" in err, err[-3000:]

@@ -229,12 +229,12 @@ def test_mla_dims_that_do_not_fit_are_named(override, names):
 
 def _train_tiny_mla(rank: int, world: int, steps: int) -> list[float]:
     """Trains the tiny MLA MoE with the real build -> parallelize -> materialize path and the
-    real gradient sync; returns the global mean loss of every step."""
+    real gradient reduction (FSDP, in backward); returns the global mean loss of every step."""
     import torch.distributed as dist
 
     from trainer.mesh import build_mesh
     from trainer.model import build_model, materialize
-    from trainer.parallelize import clip_grad_norm_, parallelize, sync_gradients
+    from trainer.parallelize import clip_grad_norm_, parallelize
 
     cfg = ModelConfig(
         vocab_size=48,
@@ -264,7 +264,6 @@ def _train_tiny_mla(rank: int, world: int, steps: int) -> list[float]:
         out = model(mine[:, :-1])
         lm = F.cross_entropy(out.logits.flatten(0, 1), mine[:, 1:].flatten())
         (lm + out.aux_loss).backward()
-        sync_gradients(model, mesh)
         clip_grad_norm_(model, mesh, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

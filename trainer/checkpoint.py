@@ -67,11 +67,13 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from trainer.config import CheckpointConfig
 from trainer.mesh import Mesh
-from trainer.moe import _EXPERT_WEIGHTS, GroupedExperts
+from trainer.model import local_of, plain_name
+from trainer.moe import _EXPERT_WEIGHTS, GroupedExperts, expert_slice
 
 if TYPE_CHECKING:
     from trainer.run_state import RunState
@@ -179,18 +181,24 @@ def _expert_params(model: nn.Module) -> dict[str, tuple[GroupedExperts, str, str
     out = {}
     for mname, module in model.named_modules():
         if isinstance(module, GroupedExperts):
+            mname = plain_name(mname)
             for w in _EXPERT_WEIGHTS:
                 out[f"{mname}.{w}"] = (module, mname, w)
     return out
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters()}
+    return {id(p): plain_name(name) for name, p in model.named_parameters()}
 
 
 def model_state(model: nn.Module) -> dict[str, Tensor]:
-    """`model.<key>` -> tensor sharing storage with the model (experts by global id)."""
-    return {f"model.{k}": v for k, v in model.state_dict().items()}
+    """`model.<key>` -> tensor sharing storage with the model (experts by global id).
+
+    Keys are those of the plain model whatever wraps its blocks (activation checkpointing,
+    compile); under FSDP the values are DTensors (this rank's shards, global shapes), which
+    DCP saves and loads in place, resharding to any other layout.
+    """
+    return {f"model.{plain_name(k)}": v for k, v in model.state_dict().items()}
 
 
 def global_model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -198,6 +206,7 @@ def global_model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     experts = {mname: module for _, (module, mname, _) in _expert_params(model).items()}
     for key, t in model.state_dict().items():
+        key = plain_name(key)
         parts = key.split(".")
         # An expert key is <module name>.<global id>.<weight>.
         if len(parts) >= 3 and parts[-2].isdigit() and ".".join(parts[:-2]) in experts:
@@ -221,7 +230,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
             if fqn in experts and isinstance(v, Tensor) and v.shape == p.shape:
                 module, mname, w = experts[fqn]
                 for i in range(v.shape[0]):
-                    out[f"optim.{mname}.{module.expert_offset + i}.{w}.{k}"] = v[i]
+                    out[f"optim.{mname}.{module.expert_offset + i}.{w}.{k}"] = expert_slice(v, i)
             else:
                 out[f"optim.{fqn}.{k}"] = v if isinstance(v, Tensor) else pickle.dumps(v)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -259,7 +268,14 @@ def full_state(state: RunState, config_yaml: str) -> dict[str, Any]:
     sd["meta.scheduler"] = pickle.dumps(state.scheduler.state_dict())
     sd["meta.data"] = pickle.dumps(state.source.state_dict())
     sd["meta.config"] = config_yaml
-    sd["meta.layout"] = pickle.dumps({"world_size": mesh.world_size, "ep": mesh.ep})
+    sd["meta.layout"] = pickle.dumps(
+        {
+            "world_size": mesh.world_size,
+            "ep": mesh.ep,
+            "dp_replicate": mesh.dp_replicate,
+            "dp_shard": mesh.dp_shard,
+        }
+    )
     guard = getattr(state, "guard", None)
     if guard is not None:  # the loss guard's running mean decides which steps it skips
         sd["meta.guard"] = pickle.dumps(guard.state_dict())
@@ -267,11 +283,25 @@ def full_state(state: RunState, config_yaml: str) -> dict[str, Any]:
     return sd
 
 
+def _to_cpu(t: Tensor) -> Tensor:
+    """A CPU copy of this rank's part of `t`: a DTensor keeps its mesh and placements, so
+    the copy holds only the rank's own shards (never a whole model per rank)."""
+    t = t.detach()
+    if isinstance(t, DTensor):
+        return DTensor.from_local(
+            t.to_local().to("cpu", copy=True),
+            t.device_mesh,
+            t.placements,
+            run_check=False,
+            shape=t.shape,
+            stride=t.stride(),
+        )
+    return t.to("cpu", copy=True)
+
+
 def snapshot(sd: dict[str, Any]) -> dict[str, Any]:
     """A CPU copy of every tensor, so the background writer sees the state of this step."""
-    return {
-        k: (v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v) for k, v in sd.items()
-    }
+    return {k: (_to_cpu(v) if isinstance(v, Tensor) else v) for k, v in sd.items()}
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -404,12 +434,19 @@ def _optimizer_targets(
     targets: dict[str, Any] = {}
     installs: list[tuple[nn.Parameter, dict[str, Any]]] = []
 
-    def alloc(key: str, p: Tensor, shape: tuple[int, ...] | None = None) -> Any:
+    def alloc(key: str, p: Tensor, *, stacked: bool = False) -> Any:
+        """A tensor to load `key` into: shaped (and, under FSDP, sharded) like `p` when the
+        saved state has p's shape (or one expert of it), else as saved. A scalar stays on
+        the CPU: AdamW keeps its `step` there (a device `step` costs a host sync per
+        parameter per step on the non-capturable path)."""
         m = meta[key]
         if isinstance(m, BytesStorageMetadata):
             return b""
-        size = tuple(m.size) if shape is None else shape
-        return torch.empty(size, dtype=m.properties.dtype, device=p.device)
+        size = tuple(m.size)
+        if size == tuple(p.shape[1:] if stacked else p.shape):
+            return torch.empty_like(p, dtype=m.properties.dtype)
+        device = "cpu" if not size else local_of(p).device
+        return torch.empty(size, dtype=m.properties.dtype, device=device)
 
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -420,12 +457,12 @@ def _optimizer_targets(
                 first = f"optim.{mname}.{module.expert_offset}.{w}."
                 for key in [k for k in meta if k.startswith(first)]:
                     name = key[len(first) :]
-                    stacked = alloc(key, p, (module.num_local_experts, *meta[key].size))
+                    stacked = alloc(key, p, stacked=True)
                     for i in range(module.num_local_experts):
                         k = f"optim.{mname}.{module.expert_offset + i}.{w}.{name}"
                         if k not in meta:
                             raise CheckpointError(f"checkpoint optimizer state lacks {k}")
-                        targets[k] = stacked[i]
+                        targets[k] = expert_slice(stacked, i)
                     st[name] = stacked
             prefix = f"optim.{fqn}."
             for key in [k for k in meta if k.startswith(prefix) and "." not in k[len(prefix) :]]:

@@ -60,10 +60,10 @@ class MoEConfig:
     # 0 = dropless; > 0 caps each expert at ceil(cf * tokens * top_k / num_experts) pairs
     # per source rank and drops the overflow (counted in the metrics).
     capacity_factor: float = 0.0
-
     # Which pairs an expert over capacity drops: its lowest-scoring ones ("score", as
     # DeepSeek and Megatron do) or the last ones in token order ("token_order").
     drop_policy: Literal["score", "token_order"] = "score"
+
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, f"model.moe.num_experts ({self.num_experts}) must be >= 1")
         _require(
@@ -214,7 +214,17 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    ep: int = 1  # expert-parallel degree; data parallel = world size / ep
+    """The layout: world = dp_replicate x dp_shard; ep borrows its ranks from dp_shard.
+
+    Dense parameters are FSDP-sharded over dp_shard and replicated over dp_replicate (HSDP);
+    experts are split over ep and sharded over dp_shard / ep (see `trainer/mesh.py`). With
+    the defaults, `parallel.ep` alone means what it always meant: ep ranks share the
+    experts, and every rank trains on its own slice of the global batch.
+    """
+
+    dp_replicate: int = 1  # HSDP replicas; 1 = plain FSDP
+    dp_shard: int = -1  # FSDP shard degree; -1 = world size / dp_replicate
+    ep: int = 1  # expert-parallel degree; must divide dp_shard
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Seconds a collective may wait before the run fails naming it (a dead or hung rank).
     timeout_s: float = 600.0
@@ -226,20 +236,71 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require(self.ep >= 1, f"parallel.ep ({self.ep}) must be >= 1")
+        _require(
+            self.dp_replicate >= 1, f"parallel.dp_replicate ({self.dp_replicate}) must be >= 1"
+        )
+        _require(
+            self.dp_shard == -1 or self.dp_shard >= 1,
+            f"parallel.dp_shard ({self.dp_shard}) must be >= 1, or -1 for the rest of the world",
+        )
+        if self.dp_shard != -1:
+            _require(
+                self.dp_shard % self.ep == 0,
+                f"parallel.ep ({self.ep}) must divide parallel.dp_shard ({self.dp_shard}): "
+                "expert parallelism borrows its ranks from the sharded data-parallel dim",
+            )
         # Bounded: the process group takes it as a timedelta, timers as a platform time_t.
         _require(
             0 < self.timeout_s <= MAX_WAIT_S,
             f"parallel.timeout_s ({self.timeout_s}) must be > 0 and at most {MAX_WAIT_S} (7 days)",
         )
         _require(self.world_size >= 0, f"parallel.world_size ({self.world_size}) must be >= 0")
-        _require(
-            self.world_size == 0 or self.world_size % self.ep == 0,
-            f"parallel.world_size ({self.world_size}) must be divisible by parallel.ep ({self.ep})",
-        )
+        if self.world_size:
+            self.degrees(self.world_size, where="parallel.world_size")
         _require(
             self.device_memory_gib >= 0,
             f"parallel.device_memory_gib ({self.device_memory_gib}) must be >= 0",
         )
+
+    def degrees(self, world_size: int, *, where: str = "world size") -> tuple[int, int]:
+        """(dp_replicate, dp_shard) at `world_size` ranks.
+
+        Raises:
+            ConfigError: dp_replicate x dp_shard is not the world size, or ep does not
+                divide dp_shard; the message names the keys and the numbers.
+        """
+        R = self.dp_replicate
+        _require(
+            world_size % R == 0,
+            f"{where} ({world_size}) must be divisible by parallel.dp_replicate ({R})",
+        )
+        shard = world_size // R if self.dp_shard == -1 else self.dp_shard
+        _require(
+            R * shard == world_size,
+            f"parallel.dp_replicate ({R}) x parallel.dp_shard ({shard}) = {R * shard} must "
+            f"equal the {where} ({world_size})",
+        )
+        if R == 1 and self.dp_shard == -1:
+            # The default layout: dp_shard is the world, so say it in the world's terms.
+            _require(
+                world_size % self.ep == 0,
+                f"{where} ({world_size}) must be divisible by parallel.ep ({self.ep})",
+            )
+        _require(
+            shard % self.ep == 0,
+            f"parallel.ep ({self.ep}) must divide parallel.dp_shard ({shard} = {where} "
+            f"{world_size} / parallel.dp_replicate {R}): expert parallelism borrows its ranks "
+            "from the sharded data-parallel dim",
+        )
+        return R, shard
+
+    def usable(self, world_size: int) -> bool:
+        """Whether `degrees` accepts `world_size` (elastic sizing picks only those)."""
+        try:
+            self.degrees(world_size)
+        except ConfigError:
+            return False
+        return True
 
 
 @dataclass
@@ -261,7 +322,16 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 on GPU (FSDP bf16 parameters with fp32 gradient reduction and fp32 master
+    # weights; bf16 autocast in one process), fp32 on CPU.
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # Activation checkpointing per transformer block: none; full (keep only each block's
+    # input, recompute the rest in backward); selective (keep matmul outputs, the
+    # all-to-all outputs and the router's top-k: recompute never repeats a collective or
+    # changes a routing decision).
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    # torch.compile per transformer block (after activation checkpointing, before FSDP).
+    compile: bool = False
     # Loss guard: skip a step with a non-finite loss or gradient norm, or (spike_factor > 0)
     # a loss above spike_factor x the running mean; stop after max_bad_steps in a row.
     loss_guard: bool = True
@@ -503,7 +573,8 @@ class JobConfig:
         """Validates the layout against a world size and returns the data-parallel degree.
 
         Raises:
-            ConfigError: the world size is not a multiple of parallel.ep, or differs from
+            ConfigError: the world size does not fit parallel.dp_replicate x
+                parallel.dp_shard with parallel.ep dividing dp_shard, or differs from
                 parallel.world_size when that is set.
         """
         _require(
@@ -511,10 +582,7 @@ class JobConfig:
             f"the launcher started {world_size} ranks but parallel.world_size is "
             f"{self.parallel.world_size}",
         )
-        _require(
-            world_size % self.parallel.ep == 0,
-            f"world size ({world_size}) must be divisible by parallel.ep ({self.parallel.ep})",
-        )
+        self.parallel.degrees(world_size)
         return world_size // self.parallel.ep
 
 

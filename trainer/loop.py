@@ -33,10 +33,10 @@ from trainer.config import ConfigError, JobConfig, grad_accum_for, to_yaml
 from trainer.fault_hook import LossFaults
 from trainer.flops import flops_per_token
 from trainer.guard import LossGuard, TrainingDiverged
-from trainer.mesh import build_mesh, init_distributed
+from trainer.mesh import Mesh, build_mesh, init_distributed
 from trainer.model import Transformer, build_model, materialize
 from trainer.moe import MoE
-from trainer.parallelize import clip_grad_norm_, parallelize, sync_gradients
+from trainer.parallelize import check_compile, clip_grad_norm_, parallelize
 from trainer.resilience import CollectiveWatch, Preemption
 from trainer.run_state import RunState
 
@@ -111,6 +111,17 @@ def build_optimizer(model: Transformer, cfg: JobConfig) -> torch.optim.Optimizer
     )
 
 
+def uses_bf16(cfg: JobConfig, device: torch.device) -> bool:
+    """train.dtype: bf16, or auto on a GPU."""
+    return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+
+
+def fsdp_bf16(cfg: JobConfig, mesh: Mesh, device: torch.device) -> bool:
+    """Whether FSDP computes in bf16 parameters (multi-rank bf16); else one process in bf16
+    uses autocast, and fp32 is fp32."""
+    return mesh.fsdp and uses_bf16(cfg, device)
+
+
 def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
     """Joins the process group, validates the layout, builds model, optimizer and data."""
     device = pick_device(cfg, local_rank)
@@ -123,7 +134,13 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
     # the checkpointed config) sees the derived value.
     cfg.train.grad_accum = grad_accum_for(cfg, world)
     mesh = build_mesh(
-        world_size=world, rank=rank, ep=cfg.parallel.ep, timeout_s=cfg.parallel.timeout_s
+        world_size=world,
+        rank=rank,
+        ep=cfg.parallel.ep,
+        dp_replicate=cfg.parallel.dp_replicate,
+        dp_shard=cfg.parallel.dp_shard,
+        timeout_s=cfg.parallel.timeout_s,
+        device_type=device.type,
     )
     source = build_source(
         cfg.data,
@@ -140,8 +157,15 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
             f"({source.vocab_size})"
         )
+    check_compile(cfg.train.compile, device)
     model = build_model(cfg.model)
-    parallelize(model, mesh)
+    parallelize(
+        model,
+        mesh,
+        activation_checkpoint=cfg.train.activation_checkpoint,
+        compile=cfg.train.compile,
+        param_dtype=torch.bfloat16 if fsdp_bf16(cfg, mesh, device) else None,
+    )
     materialize(model, device=device, seed=cfg.train.seed)
     if cfg.checkpoint.init_from:
         from trainer.init_from import init_from
@@ -240,10 +264,11 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     """One optimizer step over grad_accum micro-batches. Returns device tensors (no sync)."""
     cfg, model, device = state.cfg, state.model, state.device
     accum = cfg.train.grad_accum
-    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    # bf16 in one process is autocast over fp32 weights; under FSDP the parameters are
+    # gathered in bf16 (MixedPrecisionPolicy) and the master weights stay fp32.
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if use_bf16
+        if uses_bf16(cfg, device) and not state.mesh.fsdp
         else contextlib.nullcontext()
     )
     acct = state.source if isinstance(state.source, AccountedSource) else None
@@ -261,7 +286,7 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         rows = state.source.next_batch().to(device, non_blocking=True)
         wait += time.perf_counter() - t0
         inputs, targets = rows[:, :-1], rows[:, 1:]
-        with _phase(state, "forward/backward (MoE all-to-all, batch all-reduce)"):
+        with _phase(state, "forward/backward (MoE all-to-all, FSDP all-gather and reduce-scatter)"):
             with autocast:
                 out = model(inputs)
             lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
@@ -277,8 +302,6 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         lm_sum += lm.detach()
         aux_sum += out.aux_loss.detach()
         z_sum += out.z_loss.detach()
-    with _phase(state, "gradient all-reduce (sync_gradients)"):
-        sync_gradients(model, state.mesh)
     with _phase(state, "gradient-norm all-reduce (clip_grad_norm_)"):
         grad_norm = clip_grad_norm_(model, state.mesh, cfg.train.grad_clip)
     lr = state.optimizer.param_groups[0]["lr"]

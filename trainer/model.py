@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from trainer.attention import Attention
 from trainer.config import ModelConfig
@@ -73,7 +75,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+        # Through modules(), not the blocks' attributes: parallelize may wrap the blocks.
+        return [m for m in self.modules() if isinstance(m, MoE)]
 
     def forward(self, tokens_BS: Tensor) -> ModelOutput:
         x = self.embed(tokens_BS)
@@ -90,32 +93,61 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return g
 
 
+def _fill(p: Tensor, full: Tensor) -> None:
+    """Copies this rank's part of the full tensor `full` into `p` (a DTensor or not)."""
+    if isinstance(p, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+        p.to_local().copy_(full[index])
+    else:
+        p.copy_(full)
+
+
+def local_of(t: Tensor) -> Tensor:
+    """The local shard of a DTensor; a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# Wrappers that parallelize puts around a block add these to parameter names; the seed's
+# draw is keyed by the name the parameter has in the plain model.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name without the activation-checkpoint and compile wrappers' parts."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 @torch.no_grad()
 def init_weights(model: Transformer, seed: int) -> None:
     """Draws every parameter from the seed and its name; each expert from its global id.
 
     Linear and embedding weights ~ N(0, 0.02); output projections of attention and
     feed-forward (wo, w2) are scaled by 1/sqrt(2 * num_layers) as in GPT-2; norms are ones;
-    router biases zero. Draws happen on the CPU so the result is the same on any device.
+    router biases zero. Draws happen on the CPU, whole, so the result is the same on any
+    device and any layout (an FSDP shard takes its slice of the whole draw).
     """
     cfg = model.cfg
     std = 0.02
     out_std = std / math.sqrt(2 * cfg.num_layers)
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            full = plain_name(f"{mod_name}.{p_name}" if mod_name else p_name)
             if isinstance(module, RMSNorm) or p_name.endswith("norm_weight"):
-                p.fill_(1.0)
+                local_of(p).fill_(1.0)
                 continue
             s = out_std if p_name in ("w2",) or mod_name.endswith((".wo", ".w2")) else std
             if isinstance(module, GroupedExperts):
+                draws = []
                 for i in range(p.shape[0]):
-                    gid = module.expert_offset + i
-                    g = _generator(seed, f"{full}.{gid}")
-                    p[i].copy_(torch.empty(p.shape[1:]).normal_(0.0, s, generator=g))
+                    g = _generator(seed, f"{full}.{module.expert_offset + i}")
+                    draws.append(torch.empty(p.shape[1:]).normal_(0.0, s, generator=g))
+                _fill(p, torch.stack(draws).to(local_of(p).device))
             else:
                 g = _generator(seed, full)
-                p.copy_(torch.empty(p.shape).normal_(0.0, s, generator=g))
+                _fill(p, torch.empty(p.shape).normal_(0.0, s, generator=g).to(local_of(p).device))
     for moe in model.moe_layers():
         moe.router.expert_bias.zero_()
         moe.routed_E.zero_()
@@ -129,7 +161,7 @@ def init_weights(model: Transformer, seed: int) -> None:
 def materialize(model: Transformer, *, device: torch.device, seed: int) -> Transformer:
     """Allocates a meta-built (and parallelized) model on `device` and initializes it."""
     model.to_empty(device=device)
-    if model.cfg.tie_embeddings:
+    if model.cfg.tie_embeddings and not isinstance(model.head.weight, DTensor):
         model.head.weight = model.embed.weight
     init_weights(model, seed)
     return model

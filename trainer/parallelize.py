@@ -1,33 +1,83 @@
-"""Applies parallelism to a model built on the meta device, and syncs its gradients.
+"""Applies parallelism to a model built on the meta device; clips its gradients.
 
-`parallelize` runs in a fixed order, before `materialize`:
+`parallelize` runs before `materialize`, in this fixed order:
   1. expert parallelism: each MoE layer keeps the experts of its EP rank and gets the
      all-to-all dispatcher (EP > 1) or the local one (EP = 1);
-  (activation checkpointing and FSDP would come next, in that order.)
+  2. activation checkpointing per transformer block (`train.activation_checkpoint`);
+  3. `torch.compile` per block (`train.compile`);
+  4. FSDP2 (`fully_shard`): each MoE layer's experts over `efsdp` (HSDP: x dp_replicate),
+     then each block, the embedding and the output head over `dp_shard` (HSDP: x
+     dp_replicate), then the root. Parameters become DTensors; gradients are reduce-scattered
+     in backward, overlapped with it.
 
 Gradient scale: each rank's loss is the mean over its own tokens, and the training loss is
-the mean over ranks. A dense gradient is therefore averaged over the world. An expert's
+the mean over ranks. A dense gradient is therefore the average over the world, which is what
+FSDP's reduce-scatter over (dp_replicate, dp_shard) = the world computes. An expert's
 gradient already sums the contributions of every rank in its EP group (the all-to-all
-backward brings them home), so it is summed over the ranks that hold the same expert (the
-`dp` axis) and divided by the world size, not by dp; dividing by dp is the classic bug that
-makes EP>1 gradients ep times too large.
+backward brings them home), so its reduction over the world / ep ranks that hold the same
+expert must divide by the world size, not by the world / ep ranks it reduces over: dividing
+by the group (FSDP's default) is the classic bug that makes EP>1 expert gradients ep times
+too large. `set_gradient_divide_factor(world)` on the expert modules keeps any layout equal
+to one process.
+
+Mixed precision (GPU): bf16 parameters in forward and backward, gradients reduced in fp32,
+fp32 master weights and optimizer state (FSDP's `MixedPrecisionPolicy`). On CPU everything
+stays fp32.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from typing import Any, Literal
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from trainer.config import ConfigError
 from trainer.dispatch import AllToAllDispatcher, LocalDispatcher
 from trainer.mesh import Mesh
-from trainer.model import Transformer
+from trainer.model import Block, Transformer
 from trainer.moe import GroupedExperts
 
+ACMode = Literal["none", "full", "selective"]
 
-def parallelize(model: Transformer, mesh: Mesh) -> Transformer:
-    """Applies expert parallelism in place (see the module docstring for the order)."""
+
+def parallelize(
+    model: Transformer,
+    mesh: Mesh,
+    *,
+    activation_checkpoint: ACMode = "none",
+    compile: bool = False,
+    param_dtype: torch.dtype | None = None,
+) -> Transformer:
+    """Applies EP, activation checkpointing, compile and FSDP in place, in that order.
+
+    Args:
+        model: built on the meta device (`build_model`), not yet materialized.
+        mesh: the layout; FSDP is applied when it spans more than one rank.
+        activation_checkpoint: `train.activation_checkpoint`.
+        compile: `train.compile`.
+        param_dtype: FSDP's compute dtype for parameters (bf16 on GPU), None = as stored.
+
+    Raises:
+        ConfigError: an activation-checkpoint mode that does not exist.
+    """
+    apply_ep(model, mesh)
+    apply_activation_checkpoint(model, activation_checkpoint)
+    if compile:
+        apply_compile(model)
+    if mesh.fsdp:
+        apply_fsdp(model, mesh, param_dtype=param_dtype)
+    return model
+
+
+def apply_ep(model: Transformer, mesh: Mesh) -> None:
+    """Each MoE layer keeps its EP rank's experts and gets its dispatcher."""
     world = mesh.group("world") if mesh.world_size > 1 else None
     for moe in model.moe_layers():
         E = moe.cfg.num_experts
@@ -41,7 +91,179 @@ def parallelize(model: Transformer, mesh: Mesh) -> Transformer:
             moe.dispatcher = dispatcher
         else:
             moe.dispatcher = LocalDispatcher(E, batch_group=world)
-    return model
+
+
+# What selective checkpointing keeps from the forward: the matmuls (the expensive part to
+# recompute), the collectives (a recompute must never issue one again: its peers are not
+# there for it) and the routing decisions (top-k and the sorts that follow it), so a
+# recomputed block routes every token exactly as the forward did.
+def _save_ops() -> set[Any]:
+    aten, ops = torch.ops.aten, set()
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "_grouped_mm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "topk",
+        "sort",
+        "argsort",
+    ):
+        if hasattr(aten, name):
+            ops.add(getattr(aten, name).default)
+    funcol = torch.ops._c10d_functional
+    for name in (
+        "all_to_all_single",
+        "all_reduce",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+        "wait_tensor",
+    ):
+        if hasattr(funcol, name):
+            ops.add(getattr(funcol, name).default)
+    # The autograd-aware all-to-all of the token rows.
+    autograd_ops = getattr(torch.ops, "_c10d_functional_autograd", None)
+    if autograd_ops is not None and hasattr(autograd_ops, "all_to_all_single"):
+        ops.add(autograd_ops.all_to_all_single.default)
+    # Collectives that write into their argument: a recompute must not repeat them either.
+    c10d = torch.ops.c10d
+    for name in ("alltoall_base_", "allreduce_", "allgather_", "broadcast_"):
+        if hasattr(c10d, name):
+            ops.add(getattr(c10d, name).default)
+    return ops
+
+
+_SAVE_OPS: set[Any] | None = None
+
+
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    assert _SAVE_OPS is not None
+    if op in _SAVE_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context() -> Any:
+    global _SAVE_OPS
+    if _SAVE_OPS is None:
+        _SAVE_OPS = _save_ops()
+        # FSDP's hooks on the experts run inside the checkpointed block and mark their work
+        # with profiler ranges, a different number of times in the forward and in the
+        # recompute; the ranges compute nothing, so selective checkpointing passes them by.
+        import torch.utils.checkpoint as ckpt
+
+        for name in ("_record_function_enter_new", "_record_function_exit"):
+            op = getattr(torch.ops.profiler, name, None)
+            if op is not None:
+                ckpt.SAC_IGNORED_OPS.update(getattr(op, o) for o in op.overloads())
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def apply_activation_checkpoint(model: Transformer, mode: str) -> None:
+    """Wraps every block in non-reentrant activation checkpointing (`full` or `selective`).
+
+    Raises:
+        ConfigError: a mode other than none, full and selective.
+    """
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ConfigError(
+            f"train.activation_checkpoint ({mode!r}) must be one of 'none', 'full', 'selective'"
+        )
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        checkpoint_wrapper,
+    )
+
+    kw: dict[str, Any] = {"checkpoint_impl": CheckpointImpl.NO_REENTRANT}
+    if mode == "selective":
+        kw["context_fn"] = _selective_context
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kw)
+
+
+def apply_compile(model: Transformer) -> None:
+    """torch.compile per block (the blocks repeat, so one compiled graph serves them all).
+
+    Raises:
+        ConfigError: torch.compile cannot run on this platform or Python.
+    """
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(
+            "train.compile=true, but torch.compile is not supported on this platform or "
+            "Python version; set train.compile=false"
+        )
+    for i, block in enumerate(model.layers):
+        model.layers[i] = torch.compile(block, fullgraph=False)  # type: ignore[assignment]
+
+
+def _expert_placement(param: nn.Parameter) -> Shard:
+    # Never dim 0: an expert's slice `stacked[i]` stays a shard of that expert alone (see
+    # GroupedExperts' state-dict hook), whatever efsdp is.
+    return Shard(1)
+
+
+def apply_fsdp(model: Transformer, mesh: Mesh, *, param_dtype: torch.dtype | None) -> None:
+    """FSDP2 over the mesh: experts over (dp_replicate, efsdp), the rest over
+    (dp_replicate, dp_shard), with the expert-gradient divide factor of the module docstring."""
+    mp = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
+    )
+    dense_mesh = mesh.dense_fsdp_mesh()
+    expert_mesh = mesh.expert_fsdp_mesh()
+    for block in model.layers:
+        inner = _unwrap(block)
+        ffn = inner.ffn
+        experts = getattr(ffn, "experts", None)
+        if isinstance(experts, GroupedExperts):
+            fully_shard(
+                experts,
+                mesh=expert_mesh,
+                mp_policy=mp,
+                shard_placement_fn=_expert_placement,
+                reshard_after_forward=True,
+            )
+            assert isinstance(experts, FSDPModule)
+            experts.set_gradient_divide_factor(float(mesh.world_size))
+        fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=True)
+    if not model.cfg.tie_embeddings:
+        # Their own units: the largest dense tensors, gathered only while in use. (Tied, they
+        # share one parameter and stay in the root's unit.)
+        fully_shard(model.embed, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(model.head, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=False)
+    if dist.get_backend() == "gloo":
+        # Gloo has neither AVG nor PREMUL_SUM: reduce with SUM and divide after. Not for
+        # experts sharded over one rank (efsdp 1): there FSDP skips the reduce-scatter and
+        # divides by the custom factor, and with forced sums would divide by it once more.
+        for m in model.modules():
+            if isinstance(m, FSDPModule) and not (
+                isinstance(m, GroupedExperts) and mesh.efsdp == 1
+            ):
+                m.set_force_sum_reduction_for_comms(True)
+
+
+def _unwrap(block: nn.Module) -> Block:
+    """The Block inside an activation-checkpoint or compile wrapper."""
+    inner: Any = block
+    while not isinstance(inner, Block):
+        inner = getattr(inner, "_checkpoint_wrapped_module", None) or getattr(
+            inner, "_orig_mod", None
+        )
+        assert inner is not None, f"no Block inside {type(block).__name__}"
+    return inner
+
+
+def blocks(model: Transformer) -> Iterator[Block]:
+    """The model's transformer blocks, whatever wraps them."""
+    for block in model.layers:
+        yield _unwrap(block)
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -56,52 +278,53 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return dense, experts
 
 
-def _all_reduce_(params: list[nn.Parameter], group: dist.ProcessGroup | None, scale: float) -> None:
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
-    if group is not None:
-        dist.all_reduce(flat, group=group)
-    flat.mul_(scale)
-    for p, g in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.copy_(g)
-
-
-def sync_gradients(model: nn.Module, mesh: Mesh) -> None:
-    """Dense grads averaged over the world; expert grads summed over dp, divided by world."""
-    if mesh.world_size == 1:
-        return
-    dense, experts = split_params(model)
-    _all_reduce_(dense, mesh.group("world"), 1.0 / mesh.world_size)
-    _all_reduce_(experts, mesh.group("dp") if mesh.dp > 1 else None, 1.0 / mesh.world_size)
+def local(t: Tensor) -> Tensor:
+    """This rank's part of `t`: the local shard of a DTensor, `t` itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def clip_grad_norm_(model: nn.Module, mesh: Mesh, max_norm: float) -> Tensor:
     """Clips by the global norm over dense and expert gradients; returns the norm (fp32).
 
-    After `sync_gradients` dense grads are the same on every rank and each expert lives on
-    one rank of its EP group, so the global square norm is the dense part plus the EP-group
-    sum of the expert parts.
+    Every element of every parameter is held exactly once by the ranks of one `dp_shard`
+    group: dense parameters are sharded over it, and expert parameters are split over its
+    `ep` ranks and sharded over its `efsdp` ranks (padding is not in the local shards). So
+    the global square norm is one all-reduce over dp_shard of each rank's local sum of
+    squares, for dense and expert gradients alike, on their own meshes or none.
     """
-    dense, experts = split_params(model)
-
-    def sq(params: list[nn.Parameter]) -> Tensor:
-        norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-        if not norms:
-            return torch.zeros((), device=next(model.parameters()).device)
-        return torch.stack(norms).square().sum()
-
-    expert_sq = sq(experts)
-    if mesh.ep > 1:
-        dist.all_reduce(expert_sq, group=mesh.group("ep"))
-    total = (sq(dense) + expert_sq).sqrt()
-    if max_norm > 0:
+    params = [p for p in model.parameters() if p.grad is not None]
+    sq = torch.zeros((), device=local(next(model.parameters())).device, dtype=torch.float32)
+    if params:
+        grads = [local(p.grad).detach() for p in params if p.grad is not None]
+        norms = torch._foreach_norm([g.float() for g in grads], 2.0)
+        sq = torch.stack(norms).square().sum()
+    if mesh.world_size > 1:
+        dist.all_reduce(sq, group=mesh.group("dp_shard"))
+    total = sq.sqrt()
+    if max_norm > 0 and params:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in dense + experts:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        torch._foreach_mul_([local(p.grad) for p in params if p.grad is not None], coef)
     return total
+
+
+def check_compile(compile: bool, device: torch.device) -> None:
+    """Fails before any work when train.compile cannot work on this device.
+
+    Raises:
+        ConfigError: compile asked for on a CPU without a C++ compiler for inductor.
+    """
+    if not compile or device.type != "cpu":
+        return
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        raise ConfigError(
+            "train.compile=true on train.device=cpu needs a C++ compiler (c++, g++ or clang++) "
+            "for torch.compile's CPU backend; none is on PATH. Install one or set "
+            "train.compile=false"
+        )
+    warnings.warn(
+        "train.compile=true on the CPU: compiled blocks run, but the MoE layer's data-dependent "
+        "shapes break its graph; expect little speedup",
+        stacklevel=2,
+    )
