@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -250,3 +251,55 @@ def test_the_loop_trains_on_a_mixture_and_reports_tokens_per_dataset(datasets, t
 def test_bad_mix_settings_are_errors_naming_the_key(overrides, match) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def _mix_run(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
+    from trainer.loop import run
+
+    cfg = load_config(PRESET, overrides, ignore_sections=("cluster",))
+    s = run(cfg)
+    return {"steps": s.steps, "accounting": s.accounting}
+
+
+@pytest.mark.slow
+def test_a_mixed_run_resumed_at_another_world_size_reads_every_sample_once(
+    datasets, tmp_path
+) -> None:
+    from tests.distributed import run_ranks
+
+    mix = ", ".join(f"{{name: {n}, path: '{datasets[n][0]}', weight: {WEIGHTS[n]}}}" for n in SIZES)
+    out = tmp_path / "run"
+    common = [
+        "data.source=auto",
+        f"data.mix=[{mix}]",
+        "model.vocab_size=40000",
+        "model.dim=32",
+        "model.dense_hidden=64",
+        "model.moe.expert_hidden=32",
+        "parallel.ep=1",
+        "train.seq_len=8",
+        "train.micro_batch_size=4",
+        "checkpoint.every=3",
+        "checkpoint.async_save=false",
+        f"run.output_dir={out}",
+        "ops.stdout=false",
+        "ops.telemetry=false",
+    ]
+    # 2 ranks x 4 rows for 3 steps, then 1 rank x 4 rows to step 9 (the global batch halves).
+    first = run_ranks(_mix_run, 2, [*common, "train.steps=3"])
+    assert first[0]["steps"] == 3
+    resumed = _mix_run(0, 1, [*common, "train.steps=9"])
+    acc = resumed["accounting"]
+    assert acc["samples_repeated"] == 0 and acc["samples_skipped"] == 0
+    assert acc["samples_end"] == 3 * 8 + 6 * 4 and acc["resumed_at_steps"] == [3]
+    # Each sample of the ledger's range names its dataset and that dataset's own index:
+    # every dataset's indices 0..n-1 once (math, 17 rows, starts its second epoch).
+    cfg = load_config(PRESET, [*common, "train.steps=9"], ignore_sections=("cluster",))
+    src = MixSource(cfg.data, seq_len=8, micro_batch_size=1, rank=0, world_size=1, seed=0)
+    names, local = src.samples_of(np.arange(acc["samples_end"]))
+    src.close()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for name in SIZES:
+        mine = local[np.array(names) == name]
+        np.testing.assert_array_equal(mine, np.arange(len(mine)))
+        assert records[-1]["data_mix"][name]["samples"] == len(mine)
