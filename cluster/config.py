@@ -79,11 +79,7 @@ class LaunchConfig(JobConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         c = self.cluster
-        if c.num_workers % self.parallel.ep:
-            raise ConfigError(
-                f"cluster.num_workers ({c.num_workers}) must be divisible by parallel.ep "
-                f"({self.parallel.ep})"
-            )
+        self.parallel.degrees(c.num_workers, where="cluster.num_workers")
         if self.train.global_batch_size:
             if c.elastic_batch == "shrink":
                 raise ConfigError(
@@ -99,8 +95,8 @@ class LaunchConfig(JobConfig):
             if len(self.usable_sizes()) == 1:
                 raise ConfigError(
                     f"cluster.min_workers ({c.min_workers}) allows no smaller size: between it "
-                    f"and cluster.num_workers ({c.num_workers}) no worker count is a multiple "
-                    f"of parallel.ep ({self.parallel.ep}){self._keeps_clause()}"
+                    f"and cluster.num_workers ({c.num_workers}) no worker count "
+                    f"{self._layout_clause()}{self._keeps_clause()}"
                 )
             if c.max_failures == 0:
                 raise ConfigError(
@@ -132,6 +128,16 @@ class LaunchConfig(JobConfig):
             num_workers=c.num_workers,
             min_workers=c.min_workers,
             keep_batch=c.elastic_batch == "keep",
+        )
+
+    def _layout_clause(self) -> str:
+        """What the layout asks of a worker count, for an error message."""
+        p = self.parallel
+        if p.dp_replicate == 1 and p.dp_shard == -1:
+            return f"is a multiple of parallel.ep ({p.ep})"
+        return (
+            f"fits parallel.dp_replicate ({p.dp_replicate}) x parallel.dp_shard "
+            f"({p.dp_shard}) with parallel.ep ({p.ep}) dividing dp_shard"
         )
 
     def _keeps_clause(self) -> str:

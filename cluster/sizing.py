@@ -5,8 +5,9 @@ The `cluster` section validates itself with it (cluster/config.py), the elastic 
 policy rounds Ray Train's choice down with it (cluster/elastic.py), and the launcher waits
 for room with it (cluster/launch.py). Imports flow that way only.
 
-A size is usable when the layout fits it (`parallel.ep` divides it) and, for a run that
-keeps its global batch, when the batch splits evenly over it:
+A size is usable when the layout fits it (world = parallel.dp_replicate x
+parallel.dp_shard with parallel.ep dividing dp_shard; with the defaults, when ep divides it)
+and, for a run that keeps its global batch, when the batch splits evenly over it:
 
 - with `train.global_batch_size` set, the global batch is that many rows at every size and
   `grad_accum` follows from it (`trainer.config.grad_accum_for`);
@@ -43,8 +44,10 @@ def worker_counts(
 
 
 def layout_fits(job: JobConfig, world_size: int) -> bool:
-    """Whether the parallel layout can be laid out on `world_size` ranks."""
-    return world_size % job.parallel.ep == 0
+    """Whether the parallel layout can be laid out on `world_size` ranks: world =
+    dp_replicate x dp_shard with ep dividing dp_shard (`ParallelConfig.degrees`); with the
+    defaults, whether ep divides it."""
+    return job.parallel.usable(world_size)
 
 
 def usable_sizes(
@@ -55,13 +58,14 @@ def usable_sizes(
     `num_workers` itself is always first, usable or not: the `cluster` section checks it
     on its own and names the keys."""
     if not job.train.global_batch_size:
-        return worker_counts(
+        sizes = worker_counts(
             num_workers=num_workers,
             min_workers=min_workers,
             ep=job.parallel.ep,
             grad_accum=job.train.grad_accum,
             keep_batch=keep_batch,
         )
+        return [sizes[0]] + [n for n in sizes[1:] if layout_fits(job, n)]
     sizes = candidate_sizes(num_workers=num_workers, min_workers=min_workers)
     return [sizes[0]] + [n for n in sizes[1:] if layout_fits(job, n) and _splits(job, n)]
 

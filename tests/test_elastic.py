@@ -291,3 +291,36 @@ def test_every_usable_size_keeps_the_global_batch(
     lo = max(cfg.cluster.min_workers, 1) if cfg.cluster.min_workers else num_workers
     for n in set(range(lo, num_workers + 1)) - set(sizes):
         assert n % ep or gbs % (micro * n)
+
+
+def test_usable_sizes_follow_the_fsdp_layout() -> None:
+    # world = dp_replicate x dp_shard, ep divides dp_shard: with 2 replicas and ep 2, only
+    # multiples of 4; without them, every multiple of ep that keeps the batch.
+    base = ["cluster.num_workers=8", "cluster.min_workers=2", "parallel.ep=2"]
+    assert counts_for(_cfg(*base)) == [8, 4, 2]
+    hsdp = _cfg(*base, "parallel.dp_replicate=2")
+    assert counts_for(hsdp) == [8, 4]
+    assert at_size(hsdp, 4).train.grad_accum == 2
+    with pytest.raises(ValueError, match=r"2 workers is not a usable size .* \[8, 4\]"):
+        grad_accum_at(hsdp, 2)
+    gbs = _cfg(*base, "parallel.dp_replicate=2", "train.global_batch_size=64")
+    assert counts_for(gbs) == [8, 4]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            ["cluster.num_workers=8", "parallel.dp_replicate=3"],
+            r"cluster.num_workers \(8\) must be divisible by parallel.dp_replicate \(3\)",
+        ),
+        (
+            ["cluster.num_workers=8", "cluster.min_workers=2", "parallel.dp_shard=8"],
+            r"allows no smaller size: .* no worker count fits parallel.dp_replicate \(1\) x "
+            r"parallel.dp_shard \(8\) with parallel.ep \(2\) dividing dp_shard",
+        ),
+    ],
+)
+def test_layout_errors_name_the_keys(overrides, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _cfg(*overrides)
