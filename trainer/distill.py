@@ -13,8 +13,9 @@ The teacher is built the way the student is: `build_model` on the meta device ->
 `parallelize(teacher, mesh)` with the student's mesh (its experts split over the same EP
 ranks, and sharded as the student's parameters are, so it fits beside it) -> `materialize`
 -> the teacher's weights copied into this rank's part. It runs in eval mode under
-`torch.no_grad()`, in bf16 on GPU (the weights are cast; on CPU it stays fp32), and never
-receives a gradient or an optimizer step.
+`torch.no_grad()`, in bf16 on GPU (under FSDP its shards are gathered as bf16, unsharded its
+weights are cast; on CPU it stays fp32), and never receives a gradient or an optimizer
+step.
 
 Teachers: an exported moeyard checkpoint (`moeyard export`: `model.safetensors` and
 `config.yaml` in one directory), or a transformers directory (`config.json` plus
@@ -168,7 +169,11 @@ def build_teacher(cfg: JobConfig, *, mesh: Mesh, device: torch.device) -> Transf
             f"over parallel.ep ({mesh.ep})"
         )
     teacher = build_model(tcfg)
-    parallelize(teacher, mesh)
+    on_gpu = device.type == "cuda"
+    # The student's layout (EP, then FSDP over the same mesh); no activation checkpointing
+    # or compile: the teacher never runs a backward. Under FSDP on GPU it gathers its
+    # shards as bf16, as the student does.
+    parallelize(teacher, mesh, param_dtype=torch.bfloat16 if on_gpu and mesh.fsdp else None)
     # Every weight is overwritten below. Drawn from another seed than the student's, a
     # tensor the load missed would differ from the student's (a test with the student's own
     # initial weights as teacher would see a KL above 0), not hide behind an equal draw.
@@ -179,8 +184,8 @@ def build_teacher(cfg: JobConfig, *, mesh: Mesh, device: torch.device) -> Transf
         from trainer.init_from import load_hf_weights
 
         load_hf_weights(teacher, url, rank=mesh.rank)
-    if device.type == "cuda":
-        teacher.to(torch.bfloat16)
+    if on_gpu and not mesh.fsdp:
+        teacher.to(torch.bfloat16)  # unsharded: the weights themselves become bf16
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
