@@ -328,3 +328,56 @@ def test_published_presets_export_as_transformers_models_of_the_same_size(patter
         )
     assert type(model).__name__ == arch
     assert sum(p.numel() for p in model.parameters()) == param_counts(cfg).total
+
+
+def test_a_deepseek_v2_shaped_training_run_exports(tmp_path):
+    """A real run (3 steps, MLA with query compression, a dense first layer, shared
+    experts, group-limited routing, route_scale) and its checkpoint, exported."""
+    from trainer.loop import run
+
+    out = str(tmp_path / "run")
+    run(
+        load_config(
+            ROOT / "infra" / "runs" / "tiny.yaml",
+            [
+                f"run.output_dir={out}",
+                *MLA,
+                "model.dim=32",
+                "model.mla.kv_lora_rank=16",
+                "model.mla.q_lora_rank=24",
+                "model.mla.qk_nope_head_dim=8",
+                "model.mla.qk_rope_head_dim=8",
+                "model.mla.v_head_dim=8",
+                "model.norm_eps=1e-6",
+                "model.num_dense_layers=1",
+                "model.num_layers=3",
+                "model.moe.expert_hidden=16",
+                "model.moe.num_shared_experts=1",
+                "model.moe.n_group=4",
+                "model.moe.topk_group=2",
+                "model.moe.route_scale=2.5",
+                "train.steps=3",
+                "train.seq_len=32",
+                "train.micro_batch_size=2",
+                "checkpoint.every=3",
+                "checkpoint.async_save=false",
+                "data.corpus_max_bytes=60000",
+                "ops.stdout=false",
+                "ops.telemetry=false",
+                "parallel.ep=1",
+            ],
+            ignore_sections=("cluster",),
+        )
+    )
+    from trainer.checkpoint import consolidated_model_state, read_objects
+    from trainer.export import _config_from_yaml
+
+    done = export_hf(out, str(tmp_path / "hf"), max_shard_bytes=50_000)
+    assert done["architecture"] == "DeepseekV2ForCausalLM"
+    cfg = _config_from_yaml(read_objects(done["checkpoint"], ["meta.config"])["meta.config"])
+    model = Transformer(cfg.model)
+    model.load_state_dict(consolidated_model_state(done["checkpoint"]), strict=True)
+    tokens = _tokens(cfg.model.vocab_size, seed=6)
+    torch.testing.assert_close(
+        hf_logits(str(tmp_path / "hf"), tokens), _logits(model, tokens), rtol=0, atol=TOL
+    )
