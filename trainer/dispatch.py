@@ -132,8 +132,9 @@ class _Combine(torch.autograd.Function):
     """out[t] = sum over k of w[t, k] * y[pos[t, k]], accumulated in fp32.
 
     Forward: K gathers of [T, D], multiply-added into one fp32 [T, D] (no [T * K, D] copy,
-    no fp32 copy of bf16 rows). Backward: grad_y[s] = w[s] * grad_out[token of s], one
-    gather; grad_w[t, k] = <y[pos[t, k]], grad_out[t]>, K gathers again. No scatter.
+    no fp32 copy of bf16 rows). Backward: one gather g[s] = grad_out[token of s]; then
+    grad_w[s] = <y[s], g[s]> (row chunks of T) and grad_y[s] = w[s] * g[s] in place. No
+    scatter.
     """
 
     @staticmethod
@@ -158,18 +159,26 @@ class _Combine(torch.autograd.Function):
     def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         y_SD, weights_TK, order_S, pos_P, keep_P = ctx.saved_tensors
         T, K = weights_TK.shape
-        grad_y = grad_w = None
+        # g_S[s] = grad_out[token of s]: one gather serves both gradients.
+        g_SD = grad_TD.index_select(0, order_S // K)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # <y[s], grad_out[token of s]> in row chunks: no [T * K, D] product at once.
+            dot_S = torch.cat(
+                [
+                    torch.linalg.vecdot(y_c.to(g_c.dtype), g_c)
+                    for y_c, g_c in zip(y_SD.split(T), g_SD.split(T), strict=True)
+                ]
+            )
+            if keep_P is not None:
+                # masked_fill, not a multiply: dropped rows may hold NaN.
+                dot_S.masked_fill_(~keep_P.index_select(0, order_S), 0)
+            grad_w = dot_S.index_select(0, pos_P).view(T, K)
+        grad_y = None
         if ctx.needs_input_grad[0]:
             # Dropped pairs have weight 0, so their rows get a zero gradient.
             w_S = weights_TK.reshape(-1).index_select(0, order_S).unsqueeze(1)
-            grad_y = grad_TD.index_select(0, order_S // K).mul_(w_S).to(y_SD.dtype)
-        if ctx.needs_input_grad[1]:
-            pos_TK = pos_P.view(T, K)
-            keep_TK = None if keep_P is None else keep_P.view(T, K)
-            grad_w = torch.stack(
-                [(_gather_pairs(y_SD, pos_TK, keep_TK, k) * grad_TD).sum(1) for k in range(K)],
-                dim=1,
-            )
+            grad_y = g_SD.mul_(w_S).to(y_SD.dtype)
         return grad_y, grad_w, None, None, None
 
 
