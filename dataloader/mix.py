@@ -33,7 +33,7 @@ import contextlib
 import threading
 import warnings
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -161,7 +161,8 @@ class MixSource:
     """The TokenSource of `data.source=mix`: this rank's rows of the blended global order.
 
     Each dataset is read by its own ShardSource (no prefetch thread; rows by sample index);
-    the next micro-batch is read in the background while the loop trains on this one.
+    the next `data.prefetch_batches` micro-batches are read by one background thread while
+    the loop trains on this one.
 
     Raises (from the constructor): what ShardSource raises for any of the datasets, and
     ValueError when their tokenizers differ.
@@ -234,7 +235,9 @@ class MixSource:
         self.cursor = 0
         self._window_start = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeyard-mix")
-        self._ahead: tuple[int, Future] | None = None
+        # Micro-batches being read ahead, in cursor order, at most data.prefetch_batches.
+        # One reading thread: the readers' caches are never used by two threads at once.
+        self._ahead: deque[tuple[int, Future]] = deque()
 
     @property
     def step_samples(self) -> int:
@@ -255,11 +258,14 @@ class MixSource:
             out[sel] = self.sources[d].read_samples(local[sel])
         return out
 
-    def _schedule(self, cursor: int) -> None:
-        if self.limit is not None and cursor + self.step_samples > self.limit:
-            self._ahead = None
-            return
-        self._ahead = (cursor, self._pool.submit(self._read, cursor))
+    def _top_up(self) -> None:
+        """Queues reads of the micro-batches after the last queued one (or the cursor)."""
+        nxt = self._ahead[-1][0] + self.step_samples if self._ahead else self.cursor
+        while len(self._ahead) < self.cfg.prefetch_batches:
+            if self.limit is not None and nxt + self.step_samples > self.limit:
+                return
+            self._ahead.append((nxt, self._pool.submit(self._read, nxt)))
+            nxt += self.step_samples
 
     def next_batch(self) -> torch.Tensor:
         if self.limit is not None and self.cursor + self.step_samples > self.limit:
@@ -267,13 +273,12 @@ class MixSource:
                 f"data.mix: the data limit ({self._limit_reason()}) is reached at global sample "
                 f"{self.cursor} of {self.limit}"
             )
-        if self._ahead is None or self._ahead[0] != self.cursor:
+        if not self._ahead or self._ahead[0][0] != self.cursor:
             self._drop_ahead()
-            self._schedule(self.cursor)
-        assert self._ahead is not None
-        rows = self._ahead[1].result()
+            self._top_up()
+        rows = self._ahead.popleft()[1].result()
         self.cursor += self.step_samples
-        self._schedule(self.cursor)
+        self._top_up()
         return torch.from_numpy(rows)
 
     def _limit_reason(self) -> str:
@@ -283,12 +288,11 @@ class MixSource:
         return ", ".join(parts)
 
     def _drop_ahead(self) -> None:
-        if self._ahead is not None:
+        while self._ahead:
             # Waited for, not cancelled: the readers' caches are not shared across threads.
             # Its error, if any, belongs to a batch nobody asked for.
             with contextlib.suppress(Exception):
-                self._ahead[1].result()
-            self._ahead = None
+                self._ahead.popleft()[1].result()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -340,7 +344,7 @@ class MixSource:
         self._drop_ahead()
         self.cursor = int(state["cursor"])
         self._window_start = self.cursor
-        self._schedule(self.cursor)
+        self._top_up()
 
     def metrics(self) -> dict[str, Any]:
         """Per dataset (global, all ranks): samples and tokens served through the cursor,
