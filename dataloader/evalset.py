@@ -57,7 +57,14 @@ class EvalSet:
             token_budget=0,
         )
         reader = ShardSource(
-            cfg, seq_len=seq_len, micro_batch_size=1, rank=0, world_size=1, seed=0, prefetch=False
+            cfg,
+            seq_len=seq_len,
+            micro_batch_size=1,
+            rank=0,
+            world_size=1,
+            seed=0,
+            prefetch=False,
+            key="eval.path",
         )
         try:
             need = steps * batch_size

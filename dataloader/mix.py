@@ -190,7 +190,7 @@ class MixSource:
         self.order = MixOrder([e.weight for e in self.entries])
         self.sources: list[ShardSource] = []
         try:
-            for e in self.entries:
+            for i, e in enumerate(self.entries):
                 sub = replace(
                     cfg,
                     source="shards",
@@ -209,6 +209,7 @@ class MixSource:
                         world_size=1,
                         seed=dataset_seed(seed, e.name),
                         prefetch=False,
+                        key=f"data.mix[{i}].path",
                     )
                 )
         except BaseException:

@@ -192,8 +192,10 @@ class ShardSource:
         seed: int,
         storage: Storage | None = None,
         prefetch: bool = True,
+        key: str = "data.path",
     ) -> None:
         self.cfg = cfg
+        self.key = key  # the config key `cfg.path` came from, as messages name it
         self.row_len = seq_len + 1
         self.seq_len = seq_len
         self.micro = micro_batch_size
@@ -207,13 +209,13 @@ class ShardSource:
         m = self.manifest
         if m.row_len < self.row_len:
             raise ValueError(
-                f"data.path {cfg.path}: rows hold {m.row_len} tokens but train.seq_len "
+                f"{self.key} {cfg.path}: rows hold {m.row_len} tokens but train.seq_len "
                 f"({seq_len}) needs seq_len + 1 = {self.row_len}; prepare the data with "
                 f"--seq-len {seq_len} or lower train.seq_len"
             )
         if m.row_len > self.row_len:
             warnings.warn(
-                f"data.path {cfg.path}: rows hold {m.row_len} tokens; train.seq_len ({seq_len}) "
+                f"{self.key} {cfg.path}: rows hold {m.row_len} tokens; train.seq_len ({seq_len}) "
                 f"uses the first {self.row_len} of each row and drops the rest",
                 stacklevel=2,
             )
@@ -221,7 +223,7 @@ class ShardSource:
         self.bad_shards: dict[str, str] = {}  # shard path -> why
         good = self._check_listing()
         if not good:
-            raise ShardError(f"data.path {cfg.path}: no usable shard ({len(m.shards)} listed)")
+            raise ShardError(f"{self.key} {cfg.path}: no usable shard ({len(m.shards)} listed)")
         self.order = GlobalOrder(
             m.shards, good, seed=seed, shuffle=cfg.shuffle, window=cfg.shuffle_window
         )
@@ -272,7 +274,7 @@ class ShardSource:
             raw = self._retry(lambda: self.storage.read_bytes(MANIFEST), url=url)
         except FileNotFoundError:
             raise ManifestError(
-                f"no {MANIFEST} at data.path {self.cfg.path}: not a prepared dataset, or its "
+                f"no {MANIFEST} at {self.key} {self.cfg.path}: not a prepared dataset, or its "
                 f"`moeyard prepare` did not finish (the manifest is written last)"
             ) from None
         return Manifest.from_json(raw, url=url)
@@ -518,7 +520,7 @@ class ShardSource:
                     self.release_block(self._substitute[1])
                 self._substitute = (k, rows)
             return rows[row % len(rows)]
-        raise ShardError(f"data.path {self.cfg.path}: every row group is bad")
+        raise ShardError(f"{self.key} {self.cfg.path}: every row group is bad")
 
     def read_samples(self, g: np.ndarray) -> np.ndarray:
         """The rows [len(g), seq_len + 1] (int64) of global samples `g`, in this order.
@@ -562,7 +564,7 @@ class ShardSource:
     def next_batch(self) -> torch.Tensor:
         if self.limit is not None and self.cursor + self.step_samples > self.limit:
             raise DataExhausted(
-                f"data.path {self.cfg.path}: the data limit (data.epochs={self.cfg.epochs}, "
+                f"{self.key} {self.cfg.path}: the data limit (data.epochs={self.cfg.epochs}, "
                 f"data.token_budget={self.cfg.token_budget}) is reached at global sample "
                 f"{self.cursor} of {self.limit}"
             )
@@ -596,12 +598,12 @@ class ShardSource:
         fp = state.get("dataset")
         if fp is not None and fp != self.manifest.fingerprint():
             raise ValueError(
-                f"data cursor was saved for dataset {fp} but data.path {self.cfg.path} holds "
+                f"data cursor was saved for dataset {fp} but {self.key} {self.cfg.path} holds "
                 f"dataset {self.manifest.fingerprint()}"
             )
         if int(state.get("num_rows", self.order.num_rows)) != self.order.num_rows:
             warnings.warn(
-                f"data cursor was saved over {state['num_rows']} usable rows, data.path now has "
+                f"data cursor was saved over {state['num_rows']} usable rows, {self.key} now has "
                 f"{self.order.num_rows} (skipped shards changed); the order after resume differs",
                 stacklevel=2,
             )
@@ -673,7 +675,7 @@ class _Prefetcher:
         if isinstance(item, BaseException):
             raise item
         if item is _DONE:
-            raise DataExhausted(f"data.path {self.src.cfg.path}: no more samples")
+            raise DataExhausted(f"{self.src.key} {self.src.cfg.path}: no more samples")
         self.src._mem(-self.batch_bytes)
         return item
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from dataloader.evalset import EvalSet
 from dataloader.prepare import is_val_document, main, prepare
 from dataloader.reader import ShardSource
 from tests.distributed import run_ranks
@@ -288,6 +289,30 @@ def test_an_eval_set_too_small_or_split_too_thin_is_an_error(data, tmp_path) -> 
         ConfigError, match=r"eval\.steps \(500\) x eval\.batch_size \(8\) needs 4000"
     ):
         setup(cfg_for(data, str(tmp_path / "r"), "parallel.ep=1", "eval.every=1", "eval.steps=500"))
+    with pytest.raises(ConfigError, match=r"no manifest\.json at eval\.path .*nowhere"):
+        setup(
+            cfg_for(
+                data,
+                str(tmp_path / "r"),
+                "parallel.ep=1",
+                "eval.every=1",
+                f"eval.path={tmp_path / 'nowhere'}",
+            )
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"eval\.batch_size \(2\) must be at least the number of "
+        r"ranks \(4\)",
+    ):
+        EvalSet(
+            load_config(None, []).data,
+            path=f"{data}/val",
+            steps=1,
+            batch_size=2,
+            seq_len=32,
+            rank=0,
+            world_size=4,
+        )
     with pytest.warns(UserWarning, match=r"eval\.path .* is ignored: eval\.every is 0"):
         load_config(None, ["eval.path=somewhere"])
     with pytest.warns(UserWarning, match=r"eval\.steps \(3\) is ignored: eval\.every is 0"):

@@ -176,6 +176,13 @@ def test_a_small_dataset_repeats_or_ends_the_run_as_documented(datasets) -> None
     src.close()
 
 
+def test_a_missing_dataset_is_an_error_naming_its_entry(datasets, tmp_path) -> None:
+    cfg = mix_cfg(datasets)
+    cfg.mix[1].path = str(tmp_path / "gone")
+    with pytest.raises(ValueError, match=r"no manifest\.json at data\.mix\[1\]\.path .*gone"):
+        sources(cfg, 1, 2)
+
+
 def test_resume_with_other_weights_is_an_error_naming_data_mix(datasets) -> None:
     a = sources(mix_cfg(datasets), 1, 2)[0]
     a.next_batch()
