@@ -250,6 +250,18 @@ class MixSource:
         ds, local = self.order.locate(np.asarray(g, dtype=np.int64))
         return [self.entries[d].name for d in ds.tolist()], local
 
+    def dataset_ranges(self, intervals: list[list[int]]) -> dict[str, list[list[int]]]:
+        """Per dataset, the ranges of its own sample indices that global ranges
+        (`SampleLedger.intervals`, half-open) hold. A dataset's index grows with the global
+        one, so each global range is one contiguous range of each dataset's."""
+        out: dict[str, list[list[int]]] = {e.name: [] for e in self.entries}
+        for start, end in intervals:
+            lo, hi = self.order.counts_before(start), self.order.counts_before(end)
+            for d, e in enumerate(self.entries):
+                if hi[d] > lo[d]:
+                    out[e.name].append([int(lo[d]), int(hi[d])])
+        return out
+
     def _read(self, cursor: int) -> np.ndarray:
         g = cursor + self.rank * self.micro + np.arange(self.micro, dtype=np.int64)
         ds, local = self.order.locate(g)

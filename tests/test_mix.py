@@ -141,7 +141,13 @@ def test_resume_at_the_same_or_another_world_size_counts_every_sample_once(
     # indices 0..n-1, which map onto its rows epoch by epoch.
     src = sources(cfg, 1, 1)[0]
     names, local = src.samples_of(np.arange(160))
+    # A ledger with a gap (samples 50..69 passed over) names each dataset's own ranges.
+    ranges = src.dataset_ranges([[0, 50], [70, 160]])
     src.close()
+    for name in SIZES:
+        picked = local[np.isin(np.arange(160), np.r_[0:50, 70:160]) & (np.array(names) == name)]
+        flat = np.concatenate([np.arange(a, b) for a, b in ranges[name]])
+        np.testing.assert_array_equal(flat, picked)
     for d, name in enumerate(SIZES):
         mine = np.flatnonzero(np.array(names) == name)
         np.testing.assert_array_equal(local[mine], np.arange(len(mine)))
@@ -306,7 +312,9 @@ def test_a_mixed_run_resumed_at_another_world_size_reads_every_sample_once(
     names, local = src.samples_of(np.arange(acc["samples_end"]))
     src.close()
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ranges = src.dataset_ranges([[0, acc["samples_end"]]])
     for name in SIZES:
         mine = local[np.array(names) == name]
         np.testing.assert_array_equal(mine, np.arange(len(mine)))
         assert records[-1]["data_mix"][name]["samples"] == len(mine)
+        assert ranges[name] == [[0, len(mine)]]
