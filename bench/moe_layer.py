@@ -114,17 +114,55 @@ def step(variant: str, layer, x: torch.Tensor, grad: torch.Tensor) -> None:
     out.backward(grad)
 
 
-def time_variants(name: str, dim: int, tokens: int, repeats: int) -> dict[str, float]:
+def time_variants(name: str, dim: int, tokens: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU seconds per variant over interleaved repeats."""
     layers = {v: build(name, dim, tokens, v) for v in VARIANTS}
     for v, (_, layer, x, g) in layers.items():
         step(v, layer, x, g)  # warm-up
-    times: dict[str, list[float]] = {v: [] for v in layers}
+    wall: dict[str, list[float]] = {v: [] for v in layers}
+    cpu: dict[str, list[float]] = {v: [] for v in layers}
     for _ in range(repeats):
         for v, (_, layer, x, g) in layers.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(v, layer, x, g)
-            times[v].append(time.perf_counter() - t0)
-    return {v: statistics.median(t) for v, t in times.items()}
+            wall[v].append(time.perf_counter() - t0)
+            cpu[v].append(time.process_time() - c0)
+    return {
+        v: {"wall": statistics.median(wall[v]), "cpu": statistics.median(cpu[v])} for v in layers
+    }
+
+
+# glibc returns freed blocks above its mmap threshold (at most 32 MiB) to the kernel, so each
+# new [T * K, D] tensor of the fine-grained layer (48 MiB at the defaults) is page-faulted in
+# again on every step, while the dense layer's tensors stay under the threshold and are
+# reused. A GPU's caching allocator reuses every block; "reuse" makes glibc do the same.
+ALLOCATORS = {
+    "glibc": {},
+    "reuse": {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)},
+}
+
+
+def layer_rows(args) -> list[dict]:
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name in ("coarse", "fine"):
+            t = time_variants(name, args.dim, args.tokens, args.repeats)
+            cfg = CONFIGS[name]
+            rows.append(
+                {
+                    "threads": threads,
+                    "config": f"{name}: E={cfg['num_experts']} top-{cfg['top_k']} "
+                    f"F={cfg['expert_hidden']}",
+                    **{f"{v}_ms": t[v]["wall"] * 1e3 for v in VARIANTS},
+                    "moe/dense": t["moe"]["wall"] / t["dense"]["wall"],
+                    "titan/dense": t["titan"]["wall"] / t["dense"]["wall"],
+                    "loop/moe": t["loop"]["wall"] / t["moe"]["wall"],
+                    "moe/dense cpu": t["moe"]["cpu"] / t["dense"]["cpu"],
+                    "titan/dense cpu": t["titan"]["cpu"] / t["dense"]["cpu"],
+                }
+            )
+    return rows
 
 
 def _status_kib(field: str) -> int:
@@ -169,22 +207,22 @@ def peak_memory(name: str, dim: int, tokens: int, variant: str) -> float:
 
 def mode_layer(args) -> list[dict]:
     rows = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for name in ("coarse", "fine"):
-            t = time_variants(name, args.dim, args.tokens, args.repeats)
-            cfg = CONFIGS[name]
-            rows.append(
-                {
-                    "threads": threads,
-                    "config": f"{name}: E={cfg['num_experts']} top-{cfg['top_k']} "
-                    f"F={cfg['expert_hidden']}",
-                    **{f"{v}_ms": t[v] * 1e3 for v in VARIANTS},
-                    "moe/dense": t["moe"] / t["dense"],
-                    "titan/dense": t["titan"] / t["dense"],
-                    "loop/moe": t["loop"] / t["moe"],
-                }
-            )
+    for alloc in args.allocators:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child-layer",
+                *("--dim", str(args.dim), "--tokens", str(args.tokens)),
+                *("--repeats", str(args.repeats)),
+                *("--threads", ",".join(map(str, args.threads))),
+            ],
+            env={**os.environ, **ALLOCATORS[alloc]},
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        rows += [{"alloc": alloc, **r} for r in json.loads(out.stdout.strip().splitlines()[-1])]
     mem = {
         name: {v: peak_memory(name, args.dim, args.tokens, v) for v in VARIANTS}
         for name in ("coarse", "fine")
@@ -194,14 +232,16 @@ def mode_layer(args) -> list[dict]:
         f"median of {args.repeats} interleaved repeats"
     )
     print(
-        f"{'thr':>3} {'config':<28} {'moe ms':>8} {'dense ms':>9} {'titan ms':>9} "
+        f"{'alloc':<6} {'thr':>3} {'config':<28} {'moe ms':>8} {'dense ms':>9} {'titan ms':>9} "
         f"{'loop ms':>8} {'moe/dense':>10} {'titan/dense':>12} {'loop/moe':>9}"
+        "   cpu-time moe/dense titan/dense"
     )
     for r in rows:
         print(
-            f"{r['threads']:>3} {r['config']:<28} {r['moe_ms']:>8.1f} {r['dense_ms']:>9.1f} "
-            f"{r['titan_ms']:>9.1f} {r['loop_ms']:>8.1f} {r['moe/dense']:>10.2f} "
-            f"{r['titan/dense']:>12.2f} {r['loop/moe']:>9.2f}"
+            f"{r['alloc']:<6} {r['threads']:>3} {r['config']:<28} {r['moe_ms']:>8.1f} "
+            f"{r['dense_ms']:>9.1f} {r['titan_ms']:>9.1f} {r['loop_ms']:>8.1f} "
+            f"{r['moe/dense']:>10.2f} {r['titan/dense']:>12.2f} {r['loop/moe']:>9.2f}"
+            f"   {r['moe/dense cpu']:>18.2f} {r['titan/dense cpu']:>11.2f}"
         )
     print(
         "peak MiB (1 thread), moe/dense/titan/loop: "
@@ -303,6 +343,11 @@ def mode_a2a(args) -> dict:
         f"{raw_bw:>20.2f} {fc_bw:>20.2f} {fc_bw / raw_bw:>6.2f} {moe_bw:>22.2f} {moe_bw / raw_bw:>6.2f}"
         "   (target: dispatch+combine / raw >= 0.6)"
     )
+    print(
+        f"per exchange (there and back): raw {res['raw_s'] * 1e3:.1f} ms, dispatcher a2a "
+        f"{res['funcol_s'] * 1e3:.1f} ms, whole dispatch+combine {res['moe_s'] * 1e3:.1f} ms, "
+        f"{res['bytes'] / 1e6:.1f} MB"
+    )
     return {"raw_GBps": raw_bw, "a2a_GBps": fc_bw, "moe_GBps": moe_bw}
 
 
@@ -321,9 +366,23 @@ def main() -> None:
         help="torch intra-op thread counts for mode layer, comma-separated (mode a2a and the "
         "memory children use one thread per process)",
     )
+    ap.add_argument(
+        "--allocators",
+        type=lambda v: v.split(","),
+        default=["glibc", "reuse"],
+        help="mode layer: glibc (default settings) and/or reuse (freed blocks kept for reuse, "
+        "as a caching allocator does), comma-separated",
+    )
     ap.add_argument("--child-mem", nargs=2, metavar=("CONFIG", "VARIANT"))
+    ap.add_argument("--child-layer", action="store_true")
     args = ap.parse_args()
+    for a in args.allocators:
+        if a not in ALLOCATORS:
+            ap.error(f"--allocators: {a!r} is not one of {sorted(ALLOCATORS)}")
     torch.set_num_threads(1)
+    if args.child_layer:
+        print(json.dumps(layer_rows(args)))
+        return
     if args.child_mem:
         peak_memory_child(args.child_mem[0], args.dim, args.tokens, args.child_mem[1])
         return

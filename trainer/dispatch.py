@@ -346,14 +346,15 @@ class AllToAllDispatcher(TokenDispatcher):
         ep, L = self.ep, self.num_local_experts
         order_S, pos_P, counts_E, keep_P, w_TK = _pairs(ids_TK, weights_TK, self.num_experts)
         keep_P = keep_P if may_drop else None
-        rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
         send_counts_SL = counts_E.view(ep, L)
         # Functional (out-of-place) collectives here and in sum_over_batch: selective
         # activation checkpointing keeps their outputs, and a recompute reuses them instead
         # of issuing the collective again; an in-place one would leave its buffer unwritten.
-        recv_counts_SL = funcol.all_to_all_single(
-            send_counts_SL, None, None, group=self.ep_group
-        ).wait()
+        recv_pending = funcol.all_to_all_single(send_counts_SL, None, None, group=self.ep_group)
+        # The rows are gathered while the counts travel (the wait orders streams on NCCL; it
+        # is not a host sync).
+        rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
+        recv_counts_SL = recv_pending.wait()
         # The one device-to-host sync of the layer: both directions' split sizes in one copy.
         splits = (
             torch.cat([send_counts_SL.sum(1), recv_counts_SL.sum(1)]).to("cpu", copy=True).tolist()
