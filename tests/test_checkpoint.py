@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ops.sinks import read_metrics
 from tests.distributed import run_ranks
@@ -121,6 +122,23 @@ def test_exact_resume_two_ranks_async(s3_bucket: str) -> None:
 # --- resharding ----------------------------------------------------------------------
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _slice_of(t: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of the whole tensor `full` that this rank's (possibly sharded) `t` holds."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(t, DTensor):
+        return full
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
+
 def _reshard_ranks(rank: int, world: int, root: str) -> dict[str, Any]:
     # 1 -> 4: the EP=1 checkpoint loads at DP=2 x EP=2, each rank taking its experts.
     cfg = small_cfg(f"{root}/ep1", "parallel.ep=2", "checkpoint.every=4", "train.steps=5")
@@ -130,7 +148,8 @@ def _reshard_ranks(rank: int, world: int, root: str) -> dict[str, Any]:
     assert ckpt.resume(state) == 4
     full = consolidated_model_state(url)
     mine = state.model.state_dict()
-    loaded_ok = all(torch.equal(mine[k], full[k]) for k in mine)
+    # Under FSDP each rank holds a shard of every tensor: it must equal that slice.
+    loaded_ok = all(torch.equal(_local(mine[k]), _slice_of(mine[k], full[k])) for k in mine)
     held = sorted(k for k in mine if ".experts." in k)
     # 4 -> 1: train at DP=2 x EP=2 and save at step 4 (and 6).
     out = f"{root}/ep2"
@@ -155,10 +174,16 @@ def test_reshard_between_ep1_and_dp2_ep2(s3_bucket: str) -> None:
             for e in range(8):
                 assert f"model.layers.{layer}.ffn.experts.{e}.{w}" in keys
             assert f"model.layers.{layer}.ffn.experts.8.{w}" not in keys
-    # Each item written once: 4 ranks hold the dense tensors and 2 hold each expert, yet
-    # the shard files hold exactly the bytes that .metadata points at, one record per key.
+    # Each item written once: FSDP shards every tensor over the ranks that hold it (dense
+    # over 4, each expert over 2), and the shard files hold exactly the bytes .metadata
+    # points at, one record per (key, chunk), every key's chunks together the whole tensor.
     records = md.storage_data
-    assert sorted(i.fqn for i in records) == sorted(keys)
+    assert {i.fqn for i in records} == set(keys)
+    chunks = [(i.fqn, tuple(i.offset or ())) for i in records]
+    assert len(chunks) == len(set(chunks))
+    for k, m in keys.items():
+        if isinstance(m, TensorStorageMetadata):
+            assert sum(c.sizes.numel() for c in m.chunks) == m.size.numel(), k
     fs, path = fsspec.core.url_to_fs(url)
     shards = [p for p in fs.ls(path, detail=False) if p.endswith(".distcp")]
     assert 2 <= len(shards) <= 4  # the ranks shared the writing

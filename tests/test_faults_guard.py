@@ -178,7 +178,15 @@ def test_rollback_without_checkpoint_fails_clearly(tmp_path) -> None:
 
 
 def _two_rank_weights(rank: int, world: int, out: str) -> dict[str, Any]:
-    cfg = small_cfg(out, "parallel.ep=1", "train.steps=6", "faults.nonfinite_loss_steps=[3]")
+    # Two replicas (dp_replicate 2: each rank holds the whole model), so that their weights
+    # can be compared.
+    cfg = small_cfg(
+        out,
+        "parallel.ep=1",
+        "parallel.dp_replicate=2",
+        "train.steps=6",
+        "faults.nonfinite_loss_steps=[3]",
+    )
     said = io.StringIO()
     seen: list[bool] = []
     real = loop.train_step
@@ -187,7 +195,9 @@ def _two_rank_weights(rank: int, world: int, out: str) -> dict[str, Any]:
         m = real(state)
         seen.append(bool(m["skipped"]))
         if state.step == cfg.train.steps:
-            box["weights"] = [p.detach().double().sum().item() for p in state.model.parameters()]
+            box["weights"] = [
+                p.to_local().detach().double().sum().item() for p in state.model.parameters()
+            ]
         return m
 
     box: dict[str, Any] = {}

@@ -126,7 +126,7 @@ def test_every_module_preset_file_and_command_named_exists() -> None:
             assert cmd in COMMANDS, f"{path}: `moeyard {cmd}` is not a command ({sorted(COMMANDS)})"
     # The check saw what the files are about (a broken regex would pass vacuously).
     assert {"cluster.launch"} <= seen["modules"]
-    assert {"infra/runs/tiny.yaml", "infra/runs/deepseek-v2-lite-h200-2x8.yaml"} <= seen["files"]
+    assert {"infra/runs/tiny.yaml", "infra/runs/deepseek-v2-lite-h200-1x8.yaml"} <= seen["files"]
     assert {"prepare", "export", "report"} <= seen["commands"]
 
 

@@ -189,8 +189,19 @@ def _grads_after_sync(rank: int, world: int, ep: int):
     captured = {}
 
     def hook(opt, args, kwargs):
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
         for name, p in state.model.named_parameters():
-            captured[name] = p.grad.clone()
+            g = p.grad
+            if isinstance(g, DTensor):
+                # FSDP: this rank's shard of the gradient, and where it sits in the whole.
+                shape, offset = compute_local_shape_and_global_offset(
+                    g.shape, g.device_mesh, g.placements
+                )
+                captured[name + "@slice"] = [(o, o + n) for o, n in zip(offset, shape, strict=True)]
+                g = g.to_local()
+            captured[name] = g.clone()
             if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
                 off = state.model.moe_layers()[0].experts.expert_offset
                 captured[name + "@offset"] = torch.tensor(off)
@@ -206,11 +217,12 @@ def test_gradient_scale_at_ep2_equals_ep1():
     ref = _grads_after_sync(0, 1, 1)
     for rank, got in enumerate(run_ranks(_grads_after_sync, 2, 2)):
         for name, g in got.items():
-            if name.endswith("@offset"):
+            if name.endswith(("@offset", "@slice")):
                 continue
+            want = ref[name]
             if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
                 off = int(got[name + "@offset"])
-                want = ref[name][off : off + g.shape[0]]
-            else:
-                want = ref[name]
+                want = want[off : off + got[name + "@slice"][0][1] - got[name + "@slice"][0][0]]
+            if name + "@slice" in got:
+                want = want[tuple(slice(a, b) for a, b in got[name + "@slice"])]
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")

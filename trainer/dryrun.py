@@ -5,20 +5,29 @@ needs no GPU, no process group and no memory for the weights:
 
 - the model is built on the meta device and each MoE layer is sliced to one rank's experts
   with `GroupedExperts.shard`, the same call `trainer.parallelize` makes, so the per-rank
-  parameter count is read off real tensor shapes; every rank holds the same number of
-  parameters (dense ones replicated, E / ep experts each), so one meta model stands for all;
+  parameter count is read off real tensor shapes (E / ep experts and every dense weight,
+  before FSDP shards them over dp_shard); every rank is alike, so one meta model stands
+  for all;
 - the mesh is `trainer.mesh.Mesh` for the configured world size (its arithmetic only, no
   process groups), which gives the expert placement plan;
 - totals, active parameters, FLOPs and the KV cache come from `trainer.flops`.
 
-Memory per rank follows how `trainer.loop` trains today: fp32 parameters, fp32 gradients and
-AdamW's two fp32 moments (16 bytes per parameter held), no sharding of any of them over data
-parallel, plus with bf16 autocast a bf16 copy of every matmul weight held from forward to
-backward. Activations are an estimate of the tensors the forward saves for backward with no
-activation checkpointing, a fused attention kernel (no S x S scores kept), routing balanced
-across experts, and the logits and their log-softmax for the loss (`activation_bytes`). The
-job is said not to fit when that total exceeds `parallel.device_memory_gib`. `train.dtype`
-auto is sized as it runs on a GPU (bf16 autocast) unless `train.device` is cpu.
+Memory per rank follows how `trainer.loop` trains (`memory_model`, every line printed):
+the fp32 master weights, fp32 gradients and AdamW's two fp32 moments of the rank's FSDP
+shard (dense parameters / dp_shard, experts / (ep x efsdp) = / dp_shard; nothing is
+sharded in one process); the FSDP units gathered at once (one block, two on a GPU where the
+next is prefetched, plus the output head, kept gathered from forward to backward) in the
+compute dtype; with bf16 autocast in one process a bf16 copy of every matmul weight; the
+activations the forward saves for backward under `train.activation_checkpoint` (none: every
+tensor; full: each block's input; selective: matmul, attention and all-to-all outputs and
+the routing decisions), counted per token from the layer shapes (`activation_parts`) with a
+fused attention kernel (no S x S scores) and balanced routing; the all-to-all receive
+buffers' headroom for routing imbalance (`ROUTING_HEADROOM`, EP > 1); the block rebuilt in
+backward under checkpointing with its gradient temporaries; and the loss's fp32 logits.
+The peak is the larger of the end of the forward and the backward. Checked against the
+measured peak of real CPU runs (tests/test_dryrun.py, bench/fsdp.py). The job is said not
+to fit when the peak exceeds `parallel.device_memory_gib`. `train.dtype` auto is sized as
+it runs on a GPU (bf16) unless `train.device` is cpu.
 """
 
 from __future__ import annotations
@@ -47,19 +56,77 @@ PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 4, 4, 8
 KV_CACHE_DTYPE_BYTES = 2
 
 
+# The all-to-all receive buffers (and the expert activations of the rows in them) are sized
+# for the busiest rank receiving this much more than a balanced share.
+ROUTING_HEADROOM = 1.2
+# Gradient temporaries of a block rebuilt in backward, as a share of its activations
+# (measured on CPU: 0.3 to 0.5).
+RECOMPUTE_TEMP = 0.4
+
+
 @dataclass(frozen=True)
 class RankMemory:
-    """Estimated bytes one rank holds at the peak of a training micro-step."""
+    """Estimated bytes one rank holds, by kind; `total` is the peak of a training step."""
 
-    params: int
-    grads: int
-    optimizer: int
-    weight_copies: int  # bf16 copies of matmul weights that autocast keeps for backward
-    activations: int
+    params: int  # fp32 master weights of this rank's shard
+    grads: int  # fp32 gradients of the shard (all of them at the end of backward)
+    optimizer: int  # AdamW's two fp32 moments of the shard
+    gathered_forward: int  # FSDP units gathered at the end of the forward (the head)
+    gathered_backward: int  # FSDP units gathered at once in backward (blocks, prefetch)
+    weight_copies: int  # bf16 copies of matmul weights that autocast keeps (one process)
+    activations: int  # the blocks' tensors saved for backward (train.activation_checkpoint)
+    routing_headroom: int  # all-to-all receive buffers beyond a balanced share (EP > 1)
+    recompute: int  # one block rebuilt in backward (checkpointing) and its temporaries
+    loss: int  # final norm, logits, the loss's fp32 log-softmax and temporaries
+    num_blocks: int  # transformer blocks (the backward frees their activations one by one)
+
+    @property
+    def forward_peak(self) -> int:
+        """End of the forward: everything saved, no gradient yet."""
+        return (
+            self.params
+            + self.optimizer
+            + self.gathered_forward
+            + self.weight_copies
+            + self.activations
+            + self.routing_headroom
+            + self.loss
+        )
+
+    @property
+    def backward_peak(self) -> int:
+        """In backward, block by block: the gradients grow while the saved activations of
+        the blocks done are freed; the block being rebuilt (checkpointing) sits on top. The
+        peak is at the first block reached (all activations, few gradients) or the last
+        (all gradients, one block's activations)."""
+        saved = self.activations + self.routing_headroom
+        return (
+            self.params
+            + self.optimizer
+            + self.gathered_backward
+            + self.weight_copies
+            + self.recompute
+            + max(saved, self.grads + saved // max(1, self.num_blocks))
+        )
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.weight_copies + self.activations
+        return max(self.forward_peak, self.backward_peak)
+
+    def lines(self) -> list[tuple[str, int]]:
+        """(what, bytes) for the report, in the order of the budget."""
+        return [
+            ("parameters (fp32 shard)", self.params),
+            ("gradients (fp32 shard)", self.grads),
+            ("optimizer (AdamW moments, fp32 shard)", self.optimizer),
+            ("FSDP units gathered, end of forward", self.gathered_forward),
+            ("FSDP units gathered at once in backward", self.gathered_backward),
+            ("bf16 weight copies (autocast)", self.weight_copies),
+            ("activations saved for backward", self.activations),
+            (f"all-to-all imbalance headroom (x{ROUTING_HEADROOM:g})", self.routing_headroom),
+            ("block rebuilt in backward", self.recompute),
+            ("loss: logits and log-softmax", self.loss),
+        ]
 
 
 @dataclass(frozen=True)
@@ -79,6 +146,9 @@ class SizingReport:
     world_size: int
     ep: int
     dp: int
+    dp_replicate: int
+    dp_shard: int
+    activation_checkpoint: str
     gpus_per_node: int
     counts: ParamCounts
     params_per_rank: int  # every rank holds the same number
@@ -109,25 +179,27 @@ class SizingReport:
         """The user-facing reason the job does not fit, or None."""
         if self.fits:
             return None
-        dense = self.counts.total - self.counts.experts_total
-        raise_ep = (
-            f"raise parallel.ep (model.moe.num_experts, {self.num_experts}, must stay divisible "
-            "by it), or "
-            if self.ep < self.num_experts
-            else ""
+        m = self.memory
+        hints = []
+        if self.activation_checkpoint != "full":
+            hints.append(
+                f"train.activation_checkpoint={'full' if self.activation_checkpoint == 'selective' else 'selective or full'} "
+                f"(activations now {_gib(m.activations)} GiB)"
+            )
+        hints.append("a smaller train.micro_batch_size (raise train.grad_accum to keep the batch)")
+        if self.dp_replicate > 1:
+            hints.append(
+                f"parallel.dp_replicate 1 so that parallel.dp_shard shards over all "
+                f"{self.world_size} ranks (now {self.dp_shard})"
+            )
+        hints.append(
+            f"more ranks: parameters, gradients and optimizer state take "
+            f"{_gib(m.params + m.grads + m.optimizer)} GiB at dp_shard {self.dp_shard}"
         )
         return (
-            f"each rank needs an estimated {_gib(self.memory.total)} GiB "
-            f"({_mem_line(self.memory)}) but parallel.device_memory_gib is "
-            f"{self.device_memory_gib:g}: the dense parameters ({dense / 1e9:.2f}B) are "
-            f"replicated on every rank and the experts are split over parallel.ep "
-            f"({self.ep}) only. To fit, {raise_ep}lower train.micro_batch_size / train.seq_len; a "
-            f"model this size needs its "
-            f"parameters, gradients and optimizer state sharded over data parallel "
-            f"(FSDP/ZeRO), which moeyard does not do yet: sharded over all "
-            f"{self.world_size} ranks that state would take {_gib(self.fully_sharded_bytes)} "
-            f"GiB a rank, plus the activations ({_gib(self.memory.activations)} GiB, which "
-            "activation checkpointing, also not built yet, would cut)"
+            f"each rank needs an estimated {_gib(m.total)} GiB at its peak "
+            f"({_mem_line(m)}) but parallel.device_memory_gib is {self.device_memory_gib:g}. "
+            "To fit, try " + "; or ".join(hints)
         )
 
     @property
@@ -143,7 +215,15 @@ class SizingReport:
             "active_params": self.counts.active,
             "flops_per_token": self.flops_per_token,
             "bytes_per_rank": self.memory.total,
-            "memory_per_rank": {**asdict(self.memory), "total": self.memory.total},
+            "memory_per_rank": {
+                **asdict(self.memory),
+                "forward_peak": self.memory.forward_peak,
+                "backward_peak": self.memory.backward_peak,
+                "total": self.memory.total,
+            },
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "activation_checkpoint": self.activation_checkpoint,
             "params_per_rank": self.params_per_rank,
             "expert_params_per_rank": self.expert_params_per_rank,
             "world_size": self.world_size,
@@ -175,11 +255,7 @@ def _gib(n: int) -> str:
 
 
 def _mem_line(m: RankMemory) -> str:
-    return (
-        f"parameters {_gib(m.params)}, gradients {_gib(m.grads)}, optimizer "
-        f"{_gib(m.optimizer)}, bf16 weight copies {_gib(m.weight_copies)}, "
-        f"activations {_gib(m.activations)}"
-    )
+    return ", ".join(f"{what} {_gib(n)}" for what, n in m.lines() if n)
 
 
 def activation_bytes(cfg: ModelConfig, *, tokens: int, bf16: bool) -> int:
@@ -233,8 +309,147 @@ def activation_bytes(cfg: ModelConfig, *, tokens: int, bf16: bool) -> int:
     return per_token * tokens
 
 
-def _meta_params_per_rank(cfg: ModelConfig, *, ep: int) -> tuple[int, int]:
-    """(parameters, expert parameters) of EP rank 0, read from a meta-device model."""
+@dataclass(frozen=True)
+class ActivationParts:
+    """Bytes per token a layer's forward keeps for backward, by checkpointing mode."""
+
+    attn_full: int
+    attn_selective: int
+    dense_ffn_full: int
+    dense_ffn_selective: int
+    moe_ffn_full: int
+    moe_ffn_selective: int
+    moe_routed_full: int  # the part of moe_ffn_full that scales with the rows received
+    moe_routed_selective: int
+    block_input: int  # what full checkpointing keeps of a block
+    loss: int  # final norm, logits, fp32 log-softmax and the loss's fp32 temporaries
+
+
+def activation_parts(cfg: ModelConfig, *, a: int, r: int) -> ActivationParts:
+    """Per-token activation bytes of each layer kind (see `activation_bytes` for what is
+    counted). `a`: bytes of a matmul output (2 in bf16, 4 in fp32); `r`: of the residual
+    stream and the norms (4 in fp32 and under autocast, 2 with bf16 parameters)."""
+    D, H = cfg.dim, cfg.num_heads
+    norm = 2 * r * D + a * D  # input, normalized, the projection's (cast) input
+    if cfg.attention == "mla":
+        m = cfg.mla
+        N, R, V, C, Cq = (
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+            m.q_lora_rank,
+        )
+        attn = norm + (2 * a * Cq + 8 * Cq if Cq else 0)
+        attn += a * (C + R) + 8 * C + a * C  # wkv_a out, the latent norm, wkv_b's input
+        attn += 2 * a * H * (N + R) + a * H * (N + V)  # q, k, the up-projected k_nope and v
+        attn += 2 * a * H * V + 4 * H  # attention output, wo's input, log-sum-exp
+        attn_sel = (a * Cq if Cq else 0) + a * H * (N + R)  # query projection(s)
+        attn_sel += a * (C + R) + a * H * (N + V)  # the latent and its up-projection
+        attn_sel += a * H * V + 4 * H + a * D  # attention output, log-sum-exp, wo's output
+    else:
+        Dh, Hkv = cfg.head_dim, cfg.num_kv_heads
+        attn = norm + a * (2 * H * Dh + 2 * Hkv * Dh) + a * H * Dh + 4 * H
+        attn_sel = a * (H * Dh + 2 * Hkv * Dh) + a * H * Dh + 4 * H + a * D
+    dense = norm + 4 * a * cfg.dense_hidden
+    dense_sel = 2 * a * cfg.dense_hidden + a * D
+    moe = cfg.moe
+    K, F, E = moe.top_k, moe.expert_hidden, moe.num_experts
+    routed = K * (r * D + 4 * a * F + a * D + 4 * D)  # rows in, hiddens, out, fp32 combine
+    routed_sel = K * (a * D + 2 * a * F + 2 * a * D)  # rows in, w1/w3 outs, w2 out, rows back
+    moe_full = 2 * r * D + 8 * E + routed  # norm input and output, router logits and scores
+    moe_sel = 4 * E + 12 * K + routed_sel  # router logits, top-k ids and weights
+    if moe.num_shared_experts:
+        Fs = F * moe.num_shared_experts
+        moe_full += a * D + 4 * a * Fs
+        moe_sel += 2 * a * Fs + a * D
+    loss = norm + (a + 4) * cfg.vocab_size + 8 * cfg.vocab_size
+    return ActivationParts(
+        attn_full=attn,
+        attn_selective=attn_sel,
+        dense_ffn_full=dense,
+        dense_ffn_selective=dense_sel,
+        moe_ffn_full=moe_full,
+        moe_ffn_selective=moe_sel,
+        moe_routed_full=routed,
+        moe_routed_selective=routed_sel,
+        block_input=r * D,
+        loss=loss,
+    )
+
+
+def memory_model(
+    cfg: JobConfig,
+    *,
+    params_rank: int,
+    experts_rank: int,
+    matmul_rank: int,
+    block_units: list[int],
+    head_params: int,
+    world_size: int,
+) -> RankMemory:
+    """The per-rank budget of `cfg` at `world_size` ranks (see the module docstring).
+
+    Args:
+        params_rank: parameters one EP rank holds before FSDP (dense + its experts).
+        experts_rank: those of them in its experts.
+        matmul_rank: those of them in matrix multiplies (autocast copies them).
+        block_units: parameters of each block's FSDP units as gathered (dense + this EP
+            rank's experts), for the units gathered at once.
+        head_params: the output head's (kept gathered from forward to backward).
+    """
+    t, m, p = cfg.train, cfg.model, cfg.parallel
+    _, dp_shard = p.degrees(world_size)
+    on_gpu = t.device != "cpu"
+    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and on_gpu)
+    fsdp = world_size > 1
+    # Dense weights are sharded over dp_shard, this EP rank's experts over efsdp =
+    # dp_shard / ep: either way a rank keeps about 1/dp_shard of the whole model.
+    shard = params_rank
+    if fsdp:
+        efsdp = dp_shard // p.ep
+        shard = -(-(params_rank - experts_rank) // dp_shard) + -(-experts_rank // efsdp)
+    a = 2 if bf16 else 4
+    r = 2 if (bf16 and fsdp) else 4
+    parts = activation_parts(m, a=a, r=r)
+    tokens = t.micro_batch_size * t.seq_len
+    num_moe = m.num_layers - m.num_dense_layers
+    full = [parts.attn_full + parts.dense_ffn_full] * m.num_dense_layers + [
+        parts.attn_full + parts.moe_ffn_full
+    ] * num_moe
+    sel = [parts.attn_selective + parts.dense_ffn_selective] * m.num_dense_layers + [
+        parts.attn_selective + parts.moe_ffn_selective
+    ] * num_moe
+    ac = t.activation_checkpoint
+    saved = {"none": full, "selective": sel, "full": [parts.block_input] * m.num_layers}[ac]
+    rebuilt = 0
+    if ac != "none":
+        rebuilt = max(f - s for f, s in zip(full, saved, strict=True))
+    routed = parts.moe_routed_selective if ac == "selective" else parts.moe_routed_full
+    headroom = 0
+    if p.ep > 1 and num_moe and ac != "full":
+        headroom = int((ROUTING_HEADROOM - 1) * routed * num_moe)
+    pbytes = 2 if bf16 else 4
+    in_flight = 2 if on_gpu else 1  # the next unit is prefetched on a GPU's side stream
+    largest = max(block_units, default=0)
+    return RankMemory(
+        params=PARAM_BYTES * shard,
+        grads=GRAD_BYTES * shard,
+        optimizer=OPTIM_BYTES * shard,
+        gathered_forward=head_params * pbytes if fsdp else 0,
+        gathered_backward=in_flight * largest * pbytes if fsdp else 0,
+        weight_copies=2 * matmul_rank if (bf16 and not fsdp) else 0,
+        activations=sum(saved) * tokens,
+        routing_headroom=headroom * tokens,
+        recompute=int(rebuilt * tokens * (1 + RECOMPUTE_TEMP)),
+        loss=parts.loss * tokens,
+        num_blocks=m.num_layers,
+    )
+
+
+def _meta_params_per_rank(cfg: ModelConfig, *, ep: int) -> tuple[int, int, list[int]]:
+    """(parameters, expert parameters, parameters of each block) of EP rank 0, read from a
+    meta-device model sliced as `parallelize` slices it, before FSDP shards it."""
     from trainer.model import build_model
 
     model = build_model(cfg)
@@ -243,7 +458,8 @@ def _meta_params_per_rank(cfg: ModelConfig, *, ep: int) -> tuple[int, int]:
         moe.experts.shard(expert_offset=0, num_local=num_local)
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for moe in model.moe_layers() for p in moe.experts.parameters())
-    return total, experts
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.layers]
+    return total, experts, blocks
 
 
 def size_job(
@@ -260,24 +476,25 @@ def size_job(
     ep = cfg.parallel.ep
     m = cfg.model
     counts = param_counts(m)
-    params_rank, experts_rank = _meta_params_per_rank(m, ep=ep)
+    params_rank, experts_rank, block_units = _meta_params_per_rank(m, ep=ep)
     # The arithmetic the cluster plan and the report rely on, checked against real shapes.
     dense = counts.total - counts.experts_total
     assert params_rank == dense + counts.experts_total // ep, (params_rank, counts)
     assert experts_rank == counts.experts_total // ep
 
-    t = cfg.train
-    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and t.device != "cpu")
     matmul_rank = params_rank - counts.norms - (0 if m.tie_embeddings else counts.embedding)
-    memory = RankMemory(
-        params=PARAM_BYTES * params_rank,
-        grads=GRAD_BYTES * params_rank,
-        optimizer=OPTIM_BYTES * params_rank,
-        weight_copies=2 * matmul_rank if bf16 else 0,
-        activations=activation_bytes(m, tokens=t.micro_batch_size * t.seq_len, bf16=bf16),
+    memory = memory_model(
+        cfg,
+        params_rank=params_rank,
+        experts_rank=experts_rank,
+        matmul_rank=matmul_rank,
+        block_units=block_units,
+        head_params=m.vocab_size * m.dim,
+        world_size=world,
     )
     state_bytes = PARAM_BYTES + GRAD_BYTES + OPTIM_BYTES
     fully_sharded = state_bytes * counts.total // world
+    t = cfg.train
 
     per_ep = m.moe.num_experts // ep
     placement = []
@@ -312,6 +529,9 @@ def size_job(
         world_size=world,
         ep=ep,
         dp=dp,
+        dp_replicate=cfg.parallel.degrees(world)[0],
+        dp_shard=cfg.parallel.degrees(world)[1],
+        activation_checkpoint=t.activation_checkpoint,
         gpus_per_node=gpus_per_node,
         counts=counts,
         params_per_rank=params_rank,
@@ -347,7 +567,9 @@ def format_report(r: SizingReport) -> str:
     c = r.counts
     kv_red = 1 - r.kv_cache_bytes_per_token / r.mha_kv_cache_bytes_per_token
     lines = [
-        f"layout: world {r.world_size} = dp {r.dp} x ep {r.ep} ({r.gpus_per_node} GPUs per node)",
+        f"layout: world {r.world_size} = dp_replicate {r.dp_replicate} x dp_shard "
+        f"{r.dp_shard}; ep {r.ep} of dp_shard, experts sharded over efsdp "
+        f"{r.dp_shard // r.ep} ({r.gpus_per_node} GPUs per node)",
         f"parameters: total {_num(c.total)}, active per token {_num(c.active)} "
         f"(input embedding not counted as active; see trainer/flops.py)",
         f"training FLOPs per token at seq_len {r.seq_len}: {r.flops_per_token / 1e9:.4g} GFLOP "
@@ -356,8 +578,11 @@ def format_report(r: SizingReport) -> str:
         f"({_num(r.expert_params_per_rank)} of them in experts; experts per MoE layer: "
         f"{r.num_experts // r.ep} of {r.num_experts})",
         f"memory per rank, estimated (micro-batch {r.micro_batch_size} x {r.seq_len} tokens, "
-        "nothing sharded over dp, no activation checkpointing): "
-        f"{_gib(r.memory.total)} GiB = {_mem_line(r.memory)} GiB",
+        f"activation checkpointing {r.activation_checkpoint}), GiB:",
+        *(f"  {what:<44} {_gib(n):>10}" for what, n in r.memory.lines()),
+        f"  {'peak at the end of the forward':<44} {_gib(r.memory.forward_peak):>10}",
+        f"  {'peak in the backward':<44} {_gib(r.memory.backward_peak):>10}",
+        f"  {'peak':<44} {_gib(r.memory.total):>10}",
         f"KV cache per token: {r.kv_cache_bytes_per_token:,} bytes "
         f"({r.kv_cache_elements_per_token:,} elements in bf16); multi-head attention with the "
         f"same heads and dims: {r.mha_kv_cache_bytes_per_token:,} bytes ({kv_red:.1%} less)",
