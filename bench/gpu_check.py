@@ -15,6 +15,10 @@
    only; and `torch.cuda.set_sync_debug_mode("warn")` counting the synchronizing operations
    of one MoE layer forward and backward (budget 0 at EP=1; the all-to-all path's one copy
    needs two GPUs and is counted on CPU by tests/test_moe_gpu_path.py).
+6. The 100M preset through the FSDP2 path on one GPU (a one-rank process group: bf16
+   parameters, fp32 gradient reduction and master weights) with selective and with full
+   activation checkpointing, 50 steps each: tokens/s, MFU, and the peak memory allocated
+   against the dry run's estimate.
 
     python bench/gpu_check.py              # exits with a message where there is no CUDA GPU
     python bench/gpu_check.py --cpu-smoke  # part 5 on the CPU, small: checks the script only
@@ -330,6 +334,56 @@ def moe_gpu_path(rows: list[tuple[str, str, str]], dev: torch.device, *, small: 
     moe.cfg.capacity_factor = 1.0
 
 
+def fsdp_ac_run(rows: list[tuple[str, str, str]]) -> None:
+    """The 100M preset through the FSDP2 path on one GPU (a one-rank process group, so
+    `parallelize` applies FSDP: bf16 parameters, fp32 gradient reduction and master weights),
+    with selective and with full activation checkpointing: tokens/s, MFU, and the measured
+    peak memory against the dry run's estimate."""
+    import torch.distributed as dist
+
+    from ops.sinks import read_metrics
+    from trainer.config import load_config
+    from trainer.dryrun import size_job
+    from trainer.loop import run
+
+    with tempfile.TemporaryDirectory() as out:
+        store = dist.FileStore(f"{out}/store", 1)
+        dist.init_process_group(
+            "nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0)
+        )
+        try:
+            for ac in ("selective", "full"):
+                cfg = load_config(
+                    PRESET,
+                    [
+                        f"run.output_dir={out}/{ac}",
+                        "train.steps=50",
+                        "run.log_every=10",
+                        "ops.stdout=false",
+                        "checkpoint.every=0",
+                        f"train.activation_checkpoint={ac}",
+                    ],
+                )
+                torch.cuda.reset_peak_memory_stats()
+                run(cfg)
+                peak = torch.cuda.max_memory_allocated()
+                estimate = size_job(cfg, world_size=1).memory.total
+                steady = read_metrics(f"{out}/{ac}/metrics.jsonl")[1:]
+                tps = statistics.median(r["tokens_per_s"] for r in steady)
+                mfus = [r["mfu"] for r in steady if "mfu" in r]
+                mfu = f"MFU {statistics.median(mfus) * 100:.1f} %" if mfus else "MFU unknown"
+                rows.append(
+                    (
+                        f"FSDP2 + activation checkpointing {ac}, bf16, 50 steps",
+                        f"{tps:,.0f} tokens/s, {mfu}",
+                        f"peak {peak / 2**30:.2f} GiB allocated; dry run {estimate / 2**30:.2f} GiB",
+                    )
+                )
+                torch.cuda.empty_cache()
+        finally:
+            dist.destroy_process_group()
+
+
 def main() -> int:
     if "--cpu-smoke" in sys.argv:
         rows: list[tuple[str, str, str]] = []
@@ -354,6 +408,8 @@ def main() -> int:
         torch.cuda.empty_cache()
     step_s = training_run(rows)
     sampler_overhead(rows, step_s)
+    torch.cuda.empty_cache()
+    fsdp_ac_run(rows)
     rows.append(("total check time", f"{time.perf_counter() - t0:.0f} s", ""))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)

@@ -516,3 +516,55 @@ def test_no_write_permission_fails_without_retrying(monkeypatch) -> None:
     assert "ERROR cannot write checkpoint s3://locked/run/checkpoints/step-00000002" in said
     assert "PermissionError" in said
     assert "retrying" not in said  # a permission does not fix itself
+
+
+def test_adamw_step_stays_on_the_cpu_after_resume_and_the_next_step_is_the_same(tmp_path):
+    """PyTorch keeps AdamW's `step` on the CPU on the non-capturable path (a device `step`
+    costs a host sync per parameter on every step); a resume must put it back there, and the
+    optimizer step after the resume must be the uninterrupted run's, to the bit."""
+    from trainer.checkpoint import Checkpointer
+    from trainer.loop import train_step
+
+    def params(state) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in state.model.named_parameters()}
+
+    whole = setup(small_cfg(str(tmp_path / "a"), "parallel.ep=1"))
+    for _ in range(3):
+        train_step(whole)
+    cfg = small_cfg(str(tmp_path / "b"), "parallel.ep=1", "checkpoint.async_save=false")
+    first = setup(cfg)
+    for _ in range(2):
+        train_step(first)
+    Checkpointer(cfg.checkpoint, cfg.run.output_dir, first.mesh).save(first)
+    resumed = setup(cfg)
+    assert Checkpointer(cfg.checkpoint, cfg.run.output_dir, resumed.mesh).resume(resumed) == 2
+    steps = [st["step"] for st in resumed.optimizer.state.values()]
+    assert steps and all(s.device.type == "cpu" and s.dim() == 0 for s in steps)
+    assert all(float(s) == 2.0 for s in steps)
+    train_step(resumed)
+    want, got = params(whole), params(resumed)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert all(st["step"].device.type == "cpu" for st in resumed.optimizer.state.values())
+
+
+def test_loaded_adamw_step_is_allocated_on_the_cpu_whatever_the_parameter_device(tmp_path):
+    """The load targets themselves: with the parameters on another device (the meta device
+    stands in for a GPU here), the moments are allocated beside them and `step` on the CPU."""
+    from trainer.checkpoint import Checkpointer, _optimizer_targets
+    from trainer.loop import build_optimizer, train_step
+    from trainer.model import build_model
+
+    cfg = small_cfg(str(tmp_path), "parallel.ep=1", "checkpoint.async_save=false")
+    state = setup(cfg)
+    train_step(state)
+    Checkpointer(cfg.checkpoint, cfg.run.output_dir, state.mesh).save(state)
+    md = read_metadata(step_url(cfg.run.output_dir, 1))
+    meta_model = build_model(cfg.model)  # parameters on the meta device
+    targets, installs = _optimizer_targets(meta_model, build_optimizer(meta_model, cfg), md)
+    steps = {k: v for k, v in targets.items() if k.endswith(".step")}
+    moments = {k: v for k, v in targets.items() if k.endswith((".exp_avg", ".exp_avg_sq"))}
+    assert steps and moments and installs
+    assert all(v.device.type == "cpu" for v in steps.values())
+    assert all(v.device.type == "meta" for v in moments.values())

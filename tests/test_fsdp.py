@@ -220,3 +220,56 @@ def test_world2_fsdp_and_activation_checkpointing_match_one_process(tmp_path):
     # Recompute changes nothing: the same losses to the last bit as without checkpointing.
     assert got[2]["losses"] == got[1]["losses"]
     assert got[3]["losses"] == got[1]["losses"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "needle"),
+    [
+        (
+            ["parallel.ep=4", "parallel.dp_shard=2"],
+            None,
+            "parallel.ep (4) must divide parallel.dp_shard (2)",
+        ),
+        (
+            ["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=4"],
+            4,
+            "parallel.dp_replicate (2) x parallel.dp_shard (4) = 8 must equal the world size (4)",
+        ),
+        (
+            ["parallel.ep=4", "parallel.dp_replicate=2"],
+            4,
+            "parallel.ep (4) must divide parallel.dp_shard (2 = world size 4 / "
+            "parallel.dp_replicate 2)",
+        ),
+        (
+            ["parallel.dp_replicate=3"],
+            4,
+            "world size (4) must be divisible by parallel.dp_replicate (3)",
+        ),
+        (["parallel.dp_shard=0"], None, "parallel.dp_shard (0) must be >= 1, or -1"),
+        (
+            ["parallel.ep=2", "parallel.world_size=6", "parallel.dp_replicate=2"],
+            None,
+            "parallel.ep (2) must divide parallel.dp_shard (3",
+        ),
+        (["train.activation_checkpoint=partial"], None, "train.activation_checkpoint"),
+    ],
+)
+def test_layout_and_mode_errors_name_the_keys(overrides, world, needle):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        cfg = load_config(ROOT / "infra/runs/tiny.yaml", overrides, ignore_sections=("cluster",))
+        cfg.check_world(world)
+    assert needle in str(e.value)
+
+
+def test_compile_without_a_compiler_fails_before_any_work(tmp_path, monkeypatch):
+    from trainer.config import ConfigError
+    from trainer.loop import setup
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no c++, g++ or clang++ to be found
+    cfg = _cfg(str(tmp_path / "run"), ["parallel.ep=1", "train.compile=true", "train.device=cpu"])
+    with pytest.raises(ConfigError, match=r"train.compile=true on train.device=cpu needs a C\+\+"):
+        setup(cfg)
+    assert not (tmp_path / "run").exists()  # nothing was written

@@ -26,7 +26,7 @@ from dataloader.source import build_source
 from ops.prometheus import build_prometheus_sink
 from ops.sinks import JsonlSink, MetricSink, StdoutSink
 from ops.telemetry import Telemetry
-from trainer import distill, evaluate
+from trainer import distill, evaluate, router_health
 from trainer.accounting import AccountedSource
 from trainer.checkpoint import Checkpointer, CheckpointHook
 from trainer.config import ConfigError, JobConfig, grad_accum_for, to_yaml
@@ -125,6 +125,7 @@ def fsdp_bf16(cfg: JobConfig, mesh: Mesh, device: torch.device) -> bool:
 def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
     """Joins the process group, validates the layout, builds model, optimizer and data."""
     device = pick_device(cfg, local_rank)
+    check_compile(cfg.train.compile, device)  # before any work: a process group, the data
     rank, world = init_distributed(
         backend=cfg.parallel.backend, device=device, timeout_s=cfg.parallel.timeout_s
     )
@@ -157,7 +158,6 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
             f"({source.vocab_size})"
         )
-    check_compile(cfg.train.compile, device)
     model = build_model(cfg.model)
     parallelize(
         model,
@@ -342,6 +342,7 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     if moes:
         E = moes[0].cfg.num_experts
         load_LE = packed[3 : 3 + len(moes) * E].view(len(moes), E)
+        router_health.observe(state, load_LE)
         for m, load_E in zip(moes, load_LE, strict=True):
             if skip is None:
                 m.update_bias(load_E)
@@ -559,6 +560,7 @@ def log_step(state: RunState, session: Session, m: dict[str, torch.Tensor]) -> N
     record.update(state.source.metrics())
     if "load_LE" in m:
         record["moe"] = expert_load_stats(m["load_LE"].cpu(), m["dropped_L"].cpu())
+        router_health.extend(state, record["moe"], state.model.moe_layers())
     session.telemetry.update(
         record,
         window_s=dt,

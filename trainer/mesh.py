@@ -71,8 +71,10 @@ class Mesh:
 
     @property
     def fsdp(self) -> bool:
-        """Whether parameters are sharded or replicated by FSDP (any multi-rank run)."""
-        return self.world_size > 1
+        """Whether parameters are sharded or replicated by FSDP: whenever there is a process
+        group (any multi-rank run, and a one-rank run that set one up on purpose, as the GPU
+        check does to measure the FSDP path on one device)."""
+        return bool(self.meshes)
 
     def ranks(self, axis: str) -> list[int]:
         """World ranks in this rank's group along `axis`."""
@@ -137,7 +139,7 @@ class Mesh:
         parameters and into (dp_replicate, efsdp, ep) for the experts, the same ranks in the
         same row-major order, so each dp_shard group is an (efsdp x ep) block.
         """
-        if not dist.is_initialized() or self.world_size == 1:
+        if not dist.is_initialized():
             return
         opts = None if self.timeout is None else _backend_options(dist.get_backend(), self.timeout)
 

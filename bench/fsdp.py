@@ -1,0 +1,176 @@
+"""FSDP2 x EP on CPU gloo ranks: step time against the replicated layout, memory per rank
+against the dry run's estimate.
+
+    python bench/fsdp.py [--steps 12] [--repeat 3] [--set key=value ...]
+
+1. Step time at world 2, in one run, interleaved: FSDP (parallel.dp_shard=2: weights,
+   gradients and AdamW state sharded, gathered per block) against the replicated layout of
+   the same world (parallel.dp_replicate=2, dp_shard=1: every rank holds the whole model and
+   gradients are all-reduced). Median step time of each, after one warm-up step, per repeat;
+   the ratio FSDP / replicated (target <= 1.15).
+2. Memory: the per-rank parameters + AdamW state at dp_shard 1, 2 and 4 (one process, then
+   2 and 4 ranks, EP 1), as torch's memory tracker counts them after a real training step,
+   beside the dry run's estimate; they fall as 1/dp_shard. (Gradients, the parameters' size,
+   are freed by zero_grad at the step's end; the dry run counts them at their peak.)
+3. The whole per-rank peak against the dry run's estimate, per activation-checkpointing mode.
+
+Model: the tiny preset at dim 128, 4 layers (set with --set), fp32, seq 64, micro-batch 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.distributed import run_ranks  # noqa: E402
+
+BASE = [
+    "model.dim=128",
+    "model.num_layers=4",
+    "model.dense_hidden=512",
+    "model.moe.expert_hidden=256",
+    "train.device=cpu",
+    "train.micro_batch_size=4",
+    "ops.telemetry=false",
+    "ops.stdout=false",
+    "ops.jsonl=false",
+    "data.corpus_max_bytes=200000",
+    "checkpoint.every=0",
+]
+
+
+def _cfg(overrides: list[str]):
+    from trainer.config import load_config
+
+    out = tempfile.mkdtemp(prefix="moeyard-bench-fsdp-")
+    return load_config(
+        ROOT / "infra/runs/tiny.yaml",
+        [*BASE, f"run.output_dir={out}", *overrides],
+        ignore_sections=("cluster",),
+    )
+
+
+def _step_times(rank: int, world: int, layouts: list[list[str]], steps: int) -> list[float]:
+    """Median step time of each layout, run one after the other in the same processes."""
+    import torch.distributed as dist
+
+    from trainer.loop import setup, train_step
+
+    medians = []
+    for overrides in layouts:
+        state = setup(_cfg(overrides), local_rank=rank)
+        train_step(state)  # warm-up: allocations, first gathers
+        times = []
+        for _ in range(steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            m = train_step(state)
+            float(m["lm_loss"])
+            times.append(time.perf_counter() - t0)
+        state.source.close()
+        medians.append(statistics.median(times))
+    return medians
+
+
+def _memory(rank: int, world: int, overrides: list[str]) -> dict[str, float]:
+    import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from trainer.dryrun import size_job
+    from trainer.loop import setup, train_step
+
+    cfg = _cfg(overrides)
+    est = size_job(cfg, world_size=world).memory
+    state = setup(cfg, local_rank=rank)
+    train_step(state)
+    if world > 1:
+        tracker = FSDPMemTracker(state.model, state.optimizer)
+    else:
+        tracker = MemTracker()
+        tracker.track_external(state.model, state.optimizer)
+    with tracker:
+        train_step(state)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    # Parameters and optimizer state as held at the end of the step (the gradients, of the
+    # parameters' size, are freed there by zero_grad).
+    after = tracker.get_tracker_snapshot()[torch.device("cpu")]
+    state_bytes = sum(
+        v for k, v in after.items() if k != "Total" and str(k.value).split()[-1] in STATE_KINDS
+    )
+    state.source.close()
+    return {
+        "peak": peak["Total"],
+        "estimate": est.total,
+        "state": state_bytes,
+        "state_estimate": est.params + est.optimizer,
+    }
+
+
+# The tracker's kinds that are training state (sharded or not), by their last word.
+STATE_KINDS = {"Parameter", "Param", "Optstate", "OptState"}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:8.2f} MiB"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    BASE.extend(args.set)
+
+    print("== step time at world 2 (ep 1), medians of", args.steps, "steps per repeat")
+    layouts = [
+        ["parallel.ep=1", "parallel.dp_shard=2"],
+        ["parallel.ep=1", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
+    ]
+    ratios = []
+    for i in range(args.repeat):
+        order = layouts if i % 2 == 0 else layouts[::-1]
+        got = run_ranks(_step_times, 2, order, args.steps, timeout_s=900)[0]
+        fsdp, repl = (got[0], got[1]) if i % 2 == 0 else (got[1], got[0])
+        ratios.append(fsdp / repl)
+        print(
+            f"  repeat {i + 1}: FSDP {fsdp * 1e3:7.1f} ms   replicated {repl * 1e3:7.1f} ms   "
+            f"ratio {fsdp / repl:.3f}",
+            flush=True,
+        )
+    print(f"  median ratio FSDP / replicated: {statistics.median(ratios):.3f} (target <= 1.15)")
+
+    print("== parameters + optimizer state per rank (ep 1), measured vs dry run")
+    base = None
+    for world in (1, 2, 4):
+        ov = ["parallel.ep=1", f"train.micro_batch_size={8 // world}"]
+        r = run_ranks(_memory, world, ov, timeout_s=900)[0] if world > 1 else _memory(0, 1, ov)
+        base = base or r["state"]
+        print(
+            f"  dp_shard {world}: measured {_mib(r['state'])} ({base / r['state']:.2f}x less than "
+            f"dp_shard 1)   dry run {_mib(r['state_estimate'])}",
+            flush=True,
+        )
+
+    print("== whole per-rank peak, measured vs dry run (world 2, ep 2)")
+    for ac in ("none", "full", "selective"):
+        ov = ["parallel.ep=2", "train.micro_batch_size=4", f"train.activation_checkpoint={ac}"]
+        r = run_ranks(_memory, 2, ov, timeout_s=900)[0]
+        print(
+            f"  activation_checkpoint={ac:<9} measured {_mib(r['peak'])}   dry run "
+            f"{_mib(r['estimate'])}   estimate / measured {r['estimate'] / r['peak']:.3f}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
