@@ -53,6 +53,26 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Coefficient of variation of tokens per expert, per MoE layer",
         (*STEP_LABELS, "layer"),
     ),
+    "moeyard_router_entropy": (
+        "gauge",
+        "Mean routing entropy over the logging window / ln(experts) (0-1), per MoE layer",
+        (*STEP_LABELS, "layer"),
+    ),
+    "moeyard_routing_churn": (
+        "gauge",
+        "Share of the probe's tokens whose top-1 expert changed over the window, per MoE layer",
+        (*STEP_LABELS, "layer"),
+    ),
+    "moeyard_expert_idle_logs": (
+        "gauge",
+        "Longest run of logged steps in which one expert got no token, per MoE layer",
+        (*STEP_LABELS, "layer"),
+    ),
+    "moeyard_router_collapse": (
+        "gauge",
+        "1 while the layer meets model.moe.collapse_idle_logs or collapse_cv, else 0",
+        (*STEP_LABELS, "layer"),
+    ),
     "moeyard_gpu_energy_joules": ("counter", "GPU energy (NVML counter deltas)", GPU_LABELS),
     "moeyard_gpu_power_watts": ("gauge", "GPU power draw", GPU_LABELS),
     "moeyard_gpu_utilization_percent": ("gauge", "GPU utilization", GPU_LABELS),
@@ -267,6 +287,14 @@ class PrometheusSink:
             tags = {**self.tags, "layer": str(layer["layer"])}
             b.set("moeyard_expert_load_max_over_mean", float(layer["max_over_mean"]), tags)
             b.set("moeyard_expert_load_cv", float(layer["cv"]), tags)
+            for key, series in (
+                ("entropy_norm", "moeyard_router_entropy"),
+                ("churn", "moeyard_routing_churn"),
+                ("idle_logs", "moeyard_expert_idle_logs"),
+                ("collapse", "moeyard_router_collapse"),
+            ):
+                if key in layer:
+                    b.set(series, float(layer[key]), tags)
         for name, d in (metrics.get("data_mix") or {}).items():
             tags = {**self.tags, "dataset": name}
             # The record holds each dataset's running total; the counter takes the increase.

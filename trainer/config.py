@@ -63,6 +63,16 @@ class MoEConfig:
     # Which pairs an expert over capacity drops: its lowest-scoring ones ("score", as
     # DeepSeek and Megatron do) or the last ones in token order ("token_order").
     drop_policy: Literal["score", "token_order"] = "score"
+    # Balance loss over the global batch, or DeepSeek-V3's sequence-wise one (each
+    # sequence's own load fractions and mean scores, averaged over the sequences).
+    aux_loss_scope: Literal["batch", "sequence"] = "batch"
+    # Router health (trainer/router_health.py): tokens of the routing-churn probe (0 = no
+    # churn figure); the collapse warning fires when an expert gets no token for
+    # collapse_idle_logs logged steps in a row, or the window's load CV exceeds collapse_cv
+    # (0 turns either test off).
+    churn_probe_tokens: int = 256
+    collapse_idle_logs: int = 5
+    collapse_cv: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, f"model.moe.num_experts ({self.num_experts}) must be >= 1")
@@ -106,6 +116,16 @@ class MoEConfig:
             "model.moe loss coefficients must be >= 0",
         )
         _require(self.bias_update_rate >= 0, "model.moe.bias_update_rate must be >= 0")
+        for key in ("churn_probe_tokens", "collapse_idle_logs"):
+            value = getattr(self, key)
+            _require(value >= 0, f"model.moe.{key} ({value}) must be >= 0")
+        _require(self.collapse_cv >= 0, f"model.moe.collapse_cv ({self.collapse_cv}) must be >= 0")
+        if self.drop_policy != "score" and self.capacity_factor == 0:
+            warnings.warn(
+                f"model.moe.drop_policy ({self.drop_policy}) is ignored: "
+                "model.moe.capacity_factor is 0 (dropless)",
+                stacklevel=3,
+            )
 
 
 @dataclass

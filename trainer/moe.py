@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from trainer.config import MoEConfig
 from trainer.dispatch import LocalDispatcher, TokenDispatcher, expert_counts
@@ -55,11 +56,7 @@ class Router(nn.Module):
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
-        select_TE = scores_TE.detach()
-        if cfg.bias_update_rate > 0:
-            select_TE = select_TE + self.expert_bias.float()
-        if cfg.n_group > 1:
-            select_TE = self._limit_groups(select_TE)
+        select_TE = self._select(scores_TE.detach())
         ids_TK = torch.topk(select_TE, cfg.top_k, dim=-1, sorted=False).indices
         scores_TK = scores_TE.gather(1, ids_TK)
         weights_TK = scores_TK
@@ -67,6 +64,31 @@ class Router(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * cfg.route_scale
         return RouterOutput(ids_TK, weights_TK, scores_TK.detach(), scores_TE, logits_TE)
+
+    def _select(self, scores_TE: Tensor) -> Tensor:
+        """Selection scores: the scores plus the balancing bias, outside the chosen groups
+        -inf."""
+        select_TE = scores_TE
+        if self.cfg.bias_update_rate > 0:
+            select_TE = select_TE + self.expert_bias.float()
+        if self.cfg.n_group > 1:
+            select_TE = self._limit_groups(select_TE)
+        return select_TE
+
+    @torch.no_grad()
+    def top1(self, x_TD: Tensor) -> Tensor:
+        """Each token's first choice by selection score [T] (what routing churn compares)."""
+        w = self.weight
+        if isinstance(w, DTensor):
+            # Outside forward, FSDP leaves the weight sharded; every rank calls this at the
+            # same logged step, so the all-gather is matched.
+            w = w.full_tensor()
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), w.float())
+        scores_TE = (
+            logits_TE.softmax(-1) if self.cfg.score_func == "softmax" else logits_TE.sigmoid()
+        )
+        return self._select(scores_TE).argmax(dim=-1)
 
     def _limit_groups(self, select_TE: Tensor) -> Tensor:
         """Masks every expert outside each token's topk_group best groups."""
@@ -228,19 +250,28 @@ class MoE(nn.Module):
                 self.routed_E += counts_E
                 if drops:
                     self.dropped += (ids_TK == cfg.num_experts).sum()
+        # Router health since the last `pop_health` (training forwards only, this rank; see
+        # trainer/router_health.py). Plain attributes, made on first use on the right device.
+        self._entropy_sum: Tensor | None = None
+        self._entropy_tokens = 0
+        self._probe: tuple[Tensor, Tensor] | None = None  # router inputs, their top-1
+        self._want_probe = True
 
         zero = x_TD.new_zeros((), dtype=torch.float32)
         aux = zero
         if self.training and cfg.aux_loss_coef > 0:
-            # Global-batch balance: the load fractions come from every rank's tokens; the
-            # mean scores are this rank's, so the mean of the ranks' losses is the loss of
-            # the global batch.
-            load_E = self.dispatcher.sum_over_batch(counts_E.float())
-            frac_E = load_E / load_E.sum()
             probs_TE = r.scores_TE
             if cfg.score_func == "sigmoid":
                 probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
-            aux = cfg.aux_loss_coef * cfg.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
+            if cfg.aux_loss_scope == "sequence":
+                aux = self._sequence_aux(r.ids_TK, probs_TE, x_BSD.shape[0])
+            else:
+                # Global-batch balance: the load fractions come from every rank's tokens;
+                # the mean scores are this rank's, so the mean of the ranks' losses is the
+                # loss of the global batch.
+                load_E = self.dispatcher.sum_over_batch(counts_E.float())
+                frac_E = load_E / load_E.sum()
+                aux = cfg.aux_loss_coef * cfg.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
         z = zero
         if self.training and cfg.z_loss_coef > 0:
             z = cfg.z_loss_coef * torch.logsumexp(r.logits_TE, dim=-1).square().mean()
@@ -257,6 +288,8 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared(x_TD)
         return out_TD.view(x_BSD.shape), MoELosses(aux, z)
 
+                if self.training:
+                    self._observe_health(x_TD, r.scores_TE)
     @torch.no_grad()
     def update_bias(self, load_E: Tensor) -> None:
         """DeepSeek-V3 bias step from the global per-expert load of the last step."""
@@ -286,6 +319,54 @@ def drop_overflow(
         order_P = torch.argsort(flat_P, stable=True)
     else:
         # Two stable sorts make a lexicographic one: by expert, then by descending score.
+    def _sequence_aux(self, ids_TK: Tensor, probs_TE: Tensor, num_seqs: int) -> Tensor:
+        """DeepSeek-V3's sequence-wise balance loss: per sequence, coef * sum_e f_e P_e with
+        f_e = E / (K S) x pairs of the sequence routed to e and P_e the sequence's mean
+        score of e; the mean over the sequences (no collective: each sequence is local)."""
+        cfg = self.cfg
+        E = cfg.num_experts
+        ids_BP = ids_TK.reshape(num_seqs, -1)  # P = K x S pairs per sequence
+        counts_BE = torch.zeros(num_seqs, E, device=ids_TK.device).scatter_add_(
+            1, ids_BP, torch.ones_like(ids_BP, dtype=torch.float32)
+        )
+        f_BE = counts_BE * (E / ids_BP.shape[1])
+        P_BE = probs_TE.view(num_seqs, -1, E).mean(dim=1)
+        return cfg.aux_loss_coef * (f_BE * P_BE).sum(dim=1).mean()
+
+    @torch.no_grad()
+    def _observe_health(self, x_TD: Tensor, scores_TE: Tensor) -> None:
+        """Entropy of this forward's routing distributions; the churn probe when one is due."""
+        p_TE = (
+            scores_TE
+            if self.cfg.score_func == "softmax"
+            else scores_TE / scores_TE.sum(-1, keepdim=True)
+        )
+        h = torch.special.entr(p_TE).sum()
+        self._entropy_sum = h if self._entropy_sum is None else self._entropy_sum + h
+        self._entropy_tokens += p_TE.shape[0]
+        n = self.cfg.churn_probe_tokens
+        if self._want_probe and n > 0:
+            probe_ND = x_TD[:n].detach().clone()
+            self._probe = (probe_ND, self.router.top1(probe_ND))
+            self._want_probe = False
+
+    def pop_health(self) -> dict[str, float]:
+        """Router entropy over the training forwards since the last call and routing churn
+        of the probe (see trainer/router_health.py); host syncs. A new window starts."""
+        out: dict[str, float] = {}
+        if self._entropy_sum is not None and self._entropy_tokens:
+            h = self._entropy_sum.item() / self._entropy_tokens
+            out["entropy"] = h
+            out["entropy_norm"] = (
+                h / math.log(self.cfg.num_experts) if self.cfg.num_experts > 1 else 0.0
+            )
+        if self._probe is not None and not self._want_probe:
+            probe_ND, top1_N = self._probe
+            out["churn"] = (self.router.top1(probe_ND) != top1_N).float().mean().item()
+        self._entropy_sum, self._entropy_tokens = None, 0
+        self._probe, self._want_probe = None, True
+        return out
+
         by_score_P = torch.argsort(scores_TK.reshape(-1), descending=True, stable=True)
         order_P = by_score_P[torch.argsort(flat_P[by_score_P], stable=True)]
     sorted_P = flat_P[order_P]
