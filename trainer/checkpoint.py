@@ -143,7 +143,8 @@ def scan(output_dir: str) -> Listing:
         entries = fs.ls(root, detail=False)
     except FileNotFoundError:
         return Listing([], [])
-    complete, partial = [], []
+    complete: list[int] = []
+    partial: list[int] = []
     for entry in entries:
         m = _STEP_RE.match(entry.rstrip("/").rsplit("/", 1)[-1])
         if not m:
@@ -325,7 +326,8 @@ class RangeReader(FsspecReader):
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(
                 item
             )
-        fs = self.fs.fs
+        # DCP's fsspec reader keeps the fsspec filesystem one level down (untyped there).
+        fs = self.fs.fs  # type: ignore[attr-defined]
         for relative_path, reqs in per_file.items():
             path = str(self.fs.concat_path(self.path, relative_path))
             reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)

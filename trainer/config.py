@@ -422,8 +422,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(
             not self.upcycle or bool(self.init_from),
-            "checkpoint.upcycle=true needs checkpoint.init_from (the dense checkpoint to "
-            "upcycle)",
+            "checkpoint.upcycle=true needs checkpoint.init_from (the dense checkpoint to upcycle)",
         )
         _require(self.every >= 0, f"checkpoint.every ({self.every}) must be >= 0")
         _require(self.keep_last >= 1, f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
@@ -681,7 +680,7 @@ def load_config(
             if not os.path.exists(path):
                 raise ConfigError(f"config file not found: {path}")
             try:
-                loaded = OmegaConf.load(path)
+                loaded = OmegaConf.load(os.fspath(path))
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{where} is not valid YAML: {e}") from None
             if not isinstance(loaded, DictConfig):

@@ -55,6 +55,6 @@ class LossGuard:
         return {"ema": self.ema, "consecutive": self.consecutive, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, float | int | None]) -> None:
-        self.ema = state.get("ema")  # type: ignore[assignment]
+        self.ema = state.get("ema")
         self.consecutive = int(state.get("consecutive") or 0)
         self.skipped = int(state.get("skipped") or 0)

@@ -362,6 +362,7 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         )
     state.tokens += cfg.train.seq_len * cfg.train.micro_batch_size * accum * state.mesh.world_size
     if fault is not None:
+        assert state.faults is not None
         state.faults.save()  # after the all-reduce above: every rank has read the record
     if state.guard is not None:
         state.guard.record(skip, step=state.step)

@@ -167,13 +167,12 @@ class Mesh:
         }
 
 
-def _backend_options(
-    backend: str, timeout: datetime.timedelta
-) -> tuple[str, dist.Backend.Options] | None:
+def _backend_options(backend: str, timeout: datetime.timedelta) -> tuple[str, Any] | None:
     """(backend, options with `timeout`) for the mesh's groups, so that a collective on any
     axis fails after parallel.timeout_s rather than the backend default."""
     if backend == "gloo":
-        opts = dist.ProcessGroupGloo._Options()
+        # Private in the stubs, but the way to give a gloo group its own timeout.
+        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
     elif backend == "nccl" and dist.is_nccl_available():
         opts = dist.ProcessGroupNCCL.Options()
     else:

@@ -60,6 +60,9 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    rope_cos: Tensor  # buffers, [S, Dh/2]
+    rope_sin: Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -271,7 +271,8 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     expert_ids = {
         id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
     }
-    dense, experts = [], []
+    dense: list[nn.Parameter] = []
+    experts: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (experts if id(p) in expert_ids else dense).append(p)

@@ -11,7 +11,7 @@ import sys
 
 import torch.distributed as dist
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, JobConfig, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer import dryrun
 
         try:
-            cfg = load_config(args[0], args[1:], ignore_sections=("cluster",))
+            cfg: JobConfig = load_config(args[0], args[1:], ignore_sections=("cluster",))
             return dryrun.main(cfg, json_out="--json" in flags)
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
