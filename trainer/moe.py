@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ class Router(nn.Module):
     broken by index and the aux-loss-free bias steps (1e-3) would vanish below bf16's
     resolution. Every tensor of `RouterOutput` is fp32 whatever the autocast state.
     """
+
+    expert_bias: Tensor
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -78,7 +81,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def top1(self, x_TD: Tensor) -> Tensor:
         """Each token's first choice by selection score [T] (what routing churn compares)."""
-        w = self.weight
+        w: Tensor = self.weight
         if isinstance(w, DTensor):
             # Outside forward, FSDP leaves the weight sharded; every rank calls this at the
             # same logged step, so the all-gather is matched.
@@ -206,6 +209,9 @@ class MoELosses:
 class MoE(nn.Module):
     """Routed experts (plus optional shared experts) in place of a dense feed-forward."""
 
+    routed_E: Tensor
+    dropped: Tensor
+
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -221,6 +227,12 @@ class MoE(nn.Module):
         # and pairs dropped, on this rank. Not saved.
         self.register_buffer("routed_E", torch.zeros(cfg.num_experts), persistent=False)
         self.register_buffer("dropped", torch.zeros(()), persistent=False)
+        # Router health since the last `pop_health` (training forwards only, this rank; see
+        # trainer/router_health.py). Plain attributes, made on first use on the right device.
+        self._entropy_sum: Tensor | None = None
+        self._entropy_tokens = 0
+        self._probe: tuple[Tensor, Tensor] | None = None  # router inputs, their top-1
+        self._want_probe = True
 
     def forward(self, x_BSD: Tensor) -> tuple[Tensor, MoELosses]:
         """x_BSD [B, S, D] -> (output [B, S, D], losses).
@@ -250,12 +262,8 @@ class MoE(nn.Module):
                 self.routed_E += counts_E
                 if drops:
                     self.dropped += (ids_TK == cfg.num_experts).sum()
-        # Router health since the last `pop_health` (training forwards only, this rank; see
-        # trainer/router_health.py). Plain attributes, made on first use on the right device.
-        self._entropy_sum: Tensor | None = None
-        self._entropy_tokens = 0
-        self._probe: tuple[Tensor, Tensor] | None = None  # router inputs, their top-1
-        self._want_probe = True
+                if self.training:
+                    self._observe_health(x_TD, r.scores_TE)
 
         zero = x_TD.new_zeros((), dtype=torch.float32)
         aux = zero
@@ -288,37 +296,6 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared(x_TD)
         return out_TD.view(x_BSD.shape), MoELosses(aux, z)
 
-                if self.training:
-                    self._observe_health(x_TD, r.scores_TE)
-    @torch.no_grad()
-    def update_bias(self, load_E: Tensor) -> None:
-        """DeepSeek-V3 bias step from the global per-expert load of the last step."""
-        if self.cfg.bias_update_rate > 0:
-            self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(
-                load_E.mean() - load_E
-            )
-
-
-def capacity(num_tokens: int, cfg: MoEConfig) -> int:
-    """Pairs one expert takes from one rank's tokens: ceil(cf * T * K / E)."""
-    return math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts)
-
-
-def drop_overflow(
-    ids_TK: Tensor, num_experts: int, cap: int, *, scores_TK: Tensor | None = None
-) -> Tensor:
-    """Marks the pairs beyond each expert's capacity `cap` with the id num_experts.
-
-    With scores_TK (the routing score of each pair) an expert keeps its `cap` highest-scoring
-    pairs and drops the lowest-affinity ones, as DeepSeek and Megatron do; ties keep token
-    order. Without scores it keeps the first `cap` pairs in token order
-    (`model.moe.drop_policy: token_order`). No host sync.
-    """
-    flat_P = ids_TK.reshape(-1)
-    if scores_TK is None:
-        order_P = torch.argsort(flat_P, stable=True)
-    else:
-        # Two stable sorts make a lexicographic one: by expert, then by descending score.
     def _sequence_aux(self, ids_TK: Tensor, probs_TE: Tensor, num_seqs: int) -> Tensor:
         """DeepSeek-V3's sequence-wise balance loss: per sequence, coef * sum_e f_e P_e with
         f_e = E / (K S) x pairs of the sequence routed to e and P_e the sequence's mean
@@ -367,6 +344,35 @@ def drop_overflow(
         self._probe, self._want_probe = None, True
         return out
 
+    @torch.no_grad()
+    def update_bias(self, load_E: Tensor) -> None:
+        """DeepSeek-V3 bias step from the global per-expert load of the last step."""
+        if self.cfg.bias_update_rate > 0:
+            self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(
+                load_E.mean() - load_E
+            )
+
+
+def capacity(num_tokens: int, cfg: MoEConfig) -> int:
+    """Pairs one expert takes from one rank's tokens: ceil(cf * T * K / E)."""
+    return math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts)
+
+
+def drop_overflow(
+    ids_TK: Tensor, num_experts: int, cap: int, *, scores_TK: Tensor | None = None
+) -> Tensor:
+    """Marks the pairs beyond each expert's capacity `cap` with the id num_experts.
+
+    With scores_TK (the routing score of each pair) an expert keeps its `cap` highest-scoring
+    pairs and drops the lowest-affinity ones, as DeepSeek and Megatron do; ties keep token
+    order. Without scores it keeps the first `cap` pairs in token order
+    (`model.moe.drop_policy: token_order`). No host sync.
+    """
+    flat_P = ids_TK.reshape(-1)
+    if scores_TK is None:
+        order_P = torch.argsort(flat_P, stable=True)
+    else:
+        # Two stable sorts make a lexicographic one: by expert, then by descending score.
         by_score_P = torch.argsort(scores_TK.reshape(-1), descending=True, stable=True)
         order_P = by_score_P[torch.argsort(flat_P[by_score_P], stable=True)]
     sorted_P = flat_P[order_P]
