@@ -98,7 +98,7 @@ class _ReplicateRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x_TD: Tensor, order_S: Tensor, pos_P: Tensor, keep_P: Tensor | None, top_k: int
     ) -> Tensor:
         rows_SD = x_TD.index_select(0, order_S // top_k)
@@ -109,7 +109,7 @@ class _ReplicateRows(torch.autograd.Function):
         return rows_SD
 
     @staticmethod
-    def backward(ctx: Any, grad_SD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_SD: Tensor) -> tuple[Tensor | None, ...]:
         pos_P, keep_P = ctx.saved_tensors
         pos_TK = pos_P.view(-1, ctx.top_k)
         keep_TK = None if keep_P is None else keep_P.view(-1, ctx.top_k)
@@ -138,7 +138,7 @@ class _Combine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         y_SD: Tensor,
         weights_TK: Tensor,
@@ -156,7 +156,7 @@ class _Combine(torch.autograd.Function):
         return out_TD
 
     @staticmethod
-    def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, ...]:
         y_SD, weights_TK, order_S, pos_P, keep_P = ctx.saved_tensors
         T, K = weights_TK.shape
         # g_S[s] = grad_out[token of s]: one gather serves both gradients.
@@ -187,9 +187,7 @@ class _PermuteRows(torch.autograd.Function):
     through the inverse permutation inv_idx."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, idx: Tensor, inv_idx: Tensor, keep: Tensor | None
-    ) -> Tensor:
+    def forward(ctx: Any, x: Tensor, idx: Tensor, inv_idx: Tensor, keep: Tensor | None) -> Tensor:
         out = x.index_select(0, idx)
         if keep is not None:
             out.masked_fill_(~keep.unsqueeze(1), 0)
@@ -197,7 +195,7 @@ class _PermuteRows(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         inv_idx, keep = ctx.saved_tensors
         if keep is not None:
             grad = grad.masked_fill(~keep.unsqueeze(1), 0)
@@ -354,7 +352,7 @@ class AllToAllDispatcher(TokenDispatcher):
         # The rows are gathered while the counts travel (the wait orders streams on NCCL; it
         # is not a host sync).
         rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
-        recv_counts_SL = recv_pending.wait()
+        recv_counts_SL = funcol.wait_tensor(recv_pending)
         # The one device-to-host sync of the layer: both directions' split sizes in one copy.
         splits = (
             torch.cat([send_counts_SL.sum(1), recv_counts_SL.sum(1)]).to("cpu", copy=True).tolist()

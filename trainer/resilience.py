@@ -189,12 +189,13 @@ class CollectiveWatch:
         if self.store is None:
             return None
         box: dict[int, str] = {}
+        store = self.store
 
         def read() -> None:
             for r in ranks:
                 try:
-                    if self.store.check([f"{prefix}{r}"]):
-                        box[r] = self.store.get(f"{prefix}{r}").decode()
+                    if store.check([f"{prefix}{r}"]):
+                        box[r] = store.get(f"{prefix}{r}").decode()
                     else:
                         box[r] = default
                 except Exception:
