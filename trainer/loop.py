@@ -248,6 +248,9 @@ def placement_plan(state: RunState) -> dict[str, Any]:
         "world_size": mesh.world_size,
         "ep": mesh.ep,
         "dp": mesh.dp,
+        # FSDP: dense weights sharded over dp_shard, each EP rank's experts over its `ranks`.
+        "dp_replicate": mesh.dp_replicate,
+        "dp_shard": mesh.dp_shard,
         "workers": workers,
         "experts": experts,
     }
