@@ -125,7 +125,8 @@ def fsdp_bf16(cfg: JobConfig, mesh: Mesh, device: torch.device) -> bool:
 def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
     """Joins the process group, validates the layout, builds model, optimizer and data."""
     device = pick_device(cfg, local_rank)
-    check_compile(cfg.train.compile, device)  # before any work: a process group, the data
+    # Before any work (a process group, the data).
+    check_compile(cfg.train.compile, device, bf16=uses_bf16(cfg, device))
     rank, world = init_distributed(
         backend=cfg.parallel.backend, device=device, timeout_s=cfg.parallel.timeout_s
     )

@@ -27,7 +27,6 @@ stays fp32.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -308,13 +307,23 @@ def clip_grad_norm_(model: nn.Module, mesh: Mesh, max_norm: float) -> Tensor:
     return total
 
 
-def check_compile(compile: bool, device: torch.device) -> None:
-    """Fails before any work when train.compile cannot work on this device.
+def check_compile(compile: bool, device: torch.device, *, bf16: bool) -> None:
+    """Fails before any work when train.compile cannot work here.
 
     Raises:
-        ConfigError: compile asked for on a CPU without a C++ compiler for inductor.
+        ConfigError: compile with fp32 compute (torch.compile's grouped GEMM, the experts'
+            kernel, takes only bf16 inputs, where eager fp32 on the CPU runs), or on a CPU
+            without a C++ compiler for inductor.
     """
-    if not compile or device.type != "cpu":
+    if not compile:
+        return
+    if not bf16:
+        raise ConfigError(
+            "train.compile=true needs bf16 compute (train.dtype=bf16, or auto on a GPU): "
+            "compiled, the experts' grouped GEMM (torch._grouped_mm) takes only bf16 inputs; "
+            "set train.dtype=bf16 or train.compile=false"
+        )
+    if device.type != "cpu":
         return
     import shutil
 
@@ -324,8 +333,3 @@ def check_compile(compile: bool, device: torch.device) -> None:
             "for torch.compile's CPU backend; none is on PATH. Install one or set "
             "train.compile=false"
         )
-    warnings.warn(
-        "train.compile=true on the CPU: compiled blocks run, but the MoE layer's data-dependent "
-        "shapes break its graph; expect little speedup",
-        stacklevel=2,
-    )
