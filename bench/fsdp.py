@@ -8,10 +8,10 @@ against the dry run's estimate.
    the same world (parallel.dp_replicate=2, dp_shard=1: every rank holds the whole model and
    gradients are all-reduced). Median step time of each, after one warm-up step, per repeat;
    the ratio FSDP / replicated (target <= 1.15).
-2. Memory: the per-rank parameters + AdamW state at dp_shard 1, 2 and 4 (one process, then
-   2 and 4 ranks, EP 1), as torch's memory tracker counts them after a real training step,
-   beside the dry run's estimate; they fall as 1/dp_shard. (Gradients, the parameters' size,
-   are freed by zero_grad at the step's end; the dry run counts them at their peak.)
+2. Memory: the per-rank parameters + gradients + AdamW state at dp_shard 1, 2 and 4 (one
+   process, then 2 and 4 ranks, EP 1): the bytes of the local tensors a rank holds when the
+   optimizer steps in a real training step, beside the dry run's estimate; they fall as
+   1/dp_shard.
 3. The whole per-rank peak against the dry run's estimate, per activation-checkpointing mode.
 
 Model: the tiny preset at dim 128, 4 layers (set with --set), fp32, seq 64, micro-batch 4.
@@ -86,36 +86,41 @@ def _memory(rank: int, world: int, overrides: list[str]) -> dict[str, float]:
 
     from trainer.dryrun import size_job
     from trainer.loop import setup, train_step
+    from trainer.parallelize import local
 
     cfg = _cfg(overrides)
     est = size_job(cfg, world_size=world).memory
     state = setup(cfg, local_rank=rank)
     train_step(state)
+    tracker: MemTracker
     if world > 1:
         tracker = FSDPMemTracker(state.model, state.optimizer)
     else:
         tracker = MemTracker()
         tracker.track_external(state.model, state.optimizer)
+    # Parameters, gradients and AdamW state as this rank holds them when the optimizer steps
+    # (the gradients complete, the moments not yet freed): the bytes of its local tensors.
+    held: list[int] = []
+
+    def count(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        tensors = [p for g in opt.param_groups for p in g["params"]]
+        tensors += [p.grad for p in tensors if p.grad is not None]
+        tensors += [v for st in opt.state.values() for v in st.values() if v.dim() > 0]
+        held.append(sum(local(t).numel() * t.element_size() for t in tensors))
+
+    hook = state.optimizer.register_step_pre_hook(count)
     with tracker:
         train_step(state)
+    hook.remove()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
-    # Parameters and optimizer state as held at the end of the step (the gradients, of the
-    # parameters' size, are freed there by zero_grad).
-    after = tracker.get_tracker_snapshot()[torch.device("cpu")]
-    state_bytes = sum(
-        v for k, v in after.items() if k != "Total" and str(k.value).split()[-1] in STATE_KINDS
-    )
+    state_bytes = held[-1]
     state.source.close()
     return {
         "peak": peak["Total"],
         "estimate": est.total,
         "state": state_bytes,
-        "state_estimate": est.params + est.optimizer,
+        "state_estimate": est.params + est.grads + est.optimizer,
     }
-
-
-# The tracker's kinds that are training state (sharded or not), by their last word.
-STATE_KINDS = {"Parameter", "Param", "Optstate", "OptState"}
 
 
 def _mib(n: float) -> str:
@@ -148,7 +153,7 @@ def main() -> int:
         )
     print(f"  median ratio FSDP / replicated: {statistics.median(ratios):.3f} (target <= 1.15)")
 
-    print("== parameters + optimizer state per rank (ep 1), measured vs dry run")
+    print("== parameters + gradients + AdamW state per rank (ep 1), measured vs dry run")
     base = None
     for world in (1, 2, 4):
         ov = ["parallel.ep=1", f"train.micro_batch_size={8 // world}"]
