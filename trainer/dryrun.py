@@ -272,41 +272,22 @@ def activation_bytes(cfg: ModelConfig, *, tokens: int, bf16: bool) -> int:
     on average); a skewed router needs more on the busiest rank. Then the final norm, the
     logits and the loss's log-softmax (fp32).
     """
-    a = 2 if bf16 else 4
-    D, H = cfg.dim, cfg.num_heads
-    norm = 4 * D + 4 * D + a * D  # input, normalized, the projection's (cast) input
-    if cfg.attention == "mla":
-        m = cfg.mla
-        N, R, V, C, Cq = (
-            m.qk_nope_head_dim,
-            m.qk_rope_head_dim,
-            m.v_head_dim,
-            m.kv_lora_rank,
-            m.q_lora_rank,
-        )
-        attn = norm + (2 * a * Cq + 8 * Cq if Cq else 0)
-        attn += a * (C + R) + 8 * C + a * C  # wkv_a out, the latent norm, wkv_b's input
-        attn += 2 * a * H * (N + R) + a * H * (N + V)  # q, k, the up-projected k_nope and v
-        attn += 2 * a * H * V + 4 * H  # attention output, wo's input, log-sum-exp
-    else:
-        Dh, Hkv = cfg.head_dim, cfg.num_kv_heads
-        attn = norm + a * (2 * H * Dh + 2 * Hkv * Dh) + a * H * Dh + 4 * H
-    dense_ffn = norm + 4 * a * cfg.dense_hidden
-    moe = cfg.moe
-    K, F, E = moe.top_k, moe.expert_hidden, moe.num_experts
-    moe_ffn = 4 * D + 4 * D + 8 * E  # norm input, norm output, router logits and scores
-    moe_ffn += K * (4 * D + 4 * a * F + a * D + 4 * D)  # rows in, hiddens, out, fp32 combine
-    if moe.num_shared_experts:
-        moe_ffn += a * D + 4 * a * F * moe.num_shared_experts
+    # Under autocast (or fp32) the residual stream and the norms are fp32.
+    parts = activation_parts(cfg, a=2 if bf16 else 4, r=4)
     num_moe = cfg.num_layers - cfg.num_dense_layers
     per_token = (
-        cfg.num_layers * attn
-        + cfg.num_dense_layers * dense_ffn
-        + num_moe * moe_ffn
-        + norm  # final norm
-        + (a + 4) * cfg.vocab_size  # logits and the loss's fp32 log-softmax
+        cfg.num_layers * parts.attn_full
+        + cfg.num_dense_layers * parts.dense_ffn_full
+        + num_moe * parts.moe_ffn_full
+        + parts.loss
+        - LOSS_TEMP_BYTES * cfg.vocab_size  # saved for backward: not the loss's temporaries
     )
     return per_token * tokens
+
+
+# fp32 bytes per token and vocabulary entry the loss holds besides what it saves: the fp32
+# logits it computes from, and their gradient (measured on CPU).
+LOSS_TEMP_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -363,7 +344,7 @@ def activation_parts(cfg: ModelConfig, *, a: int, r: int) -> ActivationParts:
         Fs = F * moe.num_shared_experts
         moe_full += a * D + 4 * a * Fs
         moe_sel += 2 * a * Fs + a * D
-    loss = norm + (a + 4) * cfg.vocab_size + 8 * cfg.vocab_size
+    loss = norm + (a + 4) * cfg.vocab_size + LOSS_TEMP_BYTES * cfg.vocab_size
     return ActivationParts(
         attn_full=attn,
         attn_selective=attn_sel,
