@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -255,15 +254,7 @@ class MoE(nn.Module):
                 capacity(T, cfg),
                 scores_TK=r.scores_TK if cfg.drop_policy == "score" else None,
             )
-        # Inside a backward pass (activation-checkpoint recompute) the graph task id is set;
-        # counting there would count the same tokens twice.
-        if torch._C._current_graph_task_id() == -1:
-            with torch.no_grad():
-                self.routed_E += counts_E
-                if drops:
-                    self.dropped += (ids_TK == cfg.num_experts).sum()
-                if self.training:
-                    self._observe_health(x_TD, r.scores_TE)
+        self._count(counts_E, ids_TK if drops else None, x_TD, r.scores_TE)
 
         zero = x_TD.new_zeros((), dtype=torch.float32)
         aux = zero
@@ -295,6 +286,23 @@ class MoE(nn.Module):
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         return out_TD.view(x_BSD.shape), MoELosses(aux, z)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _count(
+        self, counts_E: Tensor, kept_ids_TK: Tensor | None, x_TD: Tensor, scores_TE: Tensor
+    ) -> None:
+        """Load counters and router health, on the first forward only: inside a backward
+        pass (an activation-checkpoint recompute) the graph task id is set, and counting
+        there would count the same tokens twice. Kept out of compiled graphs (it mutates
+        Python state)."""
+        if torch._C._current_graph_task_id() != -1:
+            return
+        self.routed_E += counts_E
+        if kept_ids_TK is not None:
+            self.dropped += (kept_ids_TK == self.cfg.num_experts).sum()
+        if self.training:
+            self._observe_health(x_TD, scores_TE)
 
     def _sequence_aux(self, ids_TK: Tensor, probs_TE: Tensor, num_seqs: int) -> Tensor:
         """DeepSeek-V3's sequence-wise balance loss: per sequence, coef * sum_e f_e P_e with
