@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,15 +164,53 @@ class GroupedExperts(nn.Module):
 _EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
-def _experts_to_global_keys(module: GroupedExperts, state_dict, prefix, local_metadata) -> None:
+def expert_slice(stacked: Tensor, i: int) -> Tensor:
+    """Local expert i of a stacked [L, ...] weight (or optimizer moment), sharing storage.
+
+    Under FSDP the stacked tensor is a DTensor sharded on a dim other than 0 (see
+    `trainer.parallelize`), so expert i is a DTensor of the expert's own shape, sharded on
+    the dim one lower, whose local part is a view of this rank's shard.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(stacked, DTensor):
+        return stacked[i]
+    placements = []
+    for pl in stacked.placements:
+        if isinstance(pl, Shard):
+            assert pl.dim > 0, "expert weights are never sharded on the expert dim"
+            pl = Shard(pl.dim - 1)
+        placements.append(pl)
+    shape = stacked.shape[1:]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        stacked.to_local()[i],
+        stacked.device_mesh,
+        placements,
+        run_check=False,
+        shape=shape,
+        stride=stride,
+    )
+
+
+def _experts_to_global_keys(
+    module: GroupedExperts, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
     for name in _EXPERT_WEIGHTS:
         stacked = state_dict.pop(prefix + name)
         for i in range(stacked.shape[0]):
-            state_dict[f"{prefix}{module.expert_offset + i}.{name}"] = stacked[i]
+            state_dict[f"{prefix}{module.expert_offset + i}.{name}"] = expert_slice(stacked, i)
 
 
 def _experts_from_global_keys(
-    module: GroupedExperts, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+    module: GroupedExperts,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing: list[str],
+    unexpected: list[str],
+    errors: list[str],
 ) -> None:
     for name in _EXPERT_WEIGHTS:
         keys = [
