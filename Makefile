@@ -11,7 +11,7 @@ test: setup
 	bash scripts/test.sh
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 
 # What CI cannot check: a fresh clone, a clean HOME, Ray's temp dir not there yet.
 fresh-check:

@@ -4,10 +4,12 @@ against the dry run's estimate.
     python bench/fsdp.py [--steps 12] [--repeat 3] [--set key=value ...]
 
 1. Step time at world 2, in one run, interleaved: FSDP (parallel.dp_shard=2: weights,
-   gradients and AdamW state sharded, gathered per block) against the replicated layout of
-   the same world (parallel.dp_replicate=2, dp_shard=1: every rank holds the whole model and
-   gradients are all-reduced). Median step time of each, after one warm-up step, per repeat;
-   the ratio FSDP / replicated (target <= 1.15).
+   gradients and AdamW state sharded, each block gathered in forward and again in backward),
+   FSDP with parallel.reshard_after_forward=never (gathered once, kept to the backward: the
+   all-reduce's traffic), against the replicated layout of the same world
+   (parallel.dp_replicate=2, dp_shard=1: every rank holds the whole model and gradients are
+   all-reduced). Median step time of each, after one warm-up step, per repeat (the order
+   rotates); the ratios to replicated (target <= 1.15).
 2. Memory: the per-rank parameters + gradients + AdamW state at dp_shard 1, 2 and 4 (one
    process, then 2 and 4 ranks, EP 1): the bytes of the local tensors a rank holds when the
    optimizer steps in a real training step, beside the dry run's estimate; they fall as
@@ -136,22 +138,34 @@ def main() -> int:
     BASE.extend(args.set)
 
     print("== step time at world 2 (ep 1), medians of", args.steps, "steps per repeat")
-    layouts = [
-        ["parallel.ep=1", "parallel.dp_shard=2"],
-        ["parallel.ep=1", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
-    ]
-    ratios = []
+    layouts = {
+        "FSDP": ["parallel.ep=1", "parallel.dp_shard=2"],
+        "FSDP, no reshard after forward": [
+            "parallel.ep=1",
+            "parallel.dp_shard=2",
+            "parallel.reshard_after_forward=never",
+        ],
+        "replicated": ["parallel.ep=1", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
+    }
+    names = list(layouts)
+    ratios: dict[str, list[float]] = {n: [] for n in names[:-1]}
     for i in range(args.repeat):
-        order = layouts if i % 2 == 0 else layouts[::-1]
-        got = run_ranks(_step_times, 2, order, args.steps, timeout_s=900)[0]
-        fsdp, repl = (got[0], got[1]) if i % 2 == 0 else (got[1], got[0])
-        ratios.append(fsdp / repl)
-        print(
-            f"  repeat {i + 1}: FSDP {fsdp * 1e3:7.1f} ms   replicated {repl * 1e3:7.1f} ms   "
-            f"ratio {fsdp / repl:.3f}",
-            flush=True,
+        order = names[i % len(names) :] + names[: i % len(names)]  # rotate who runs first
+        got = dict(
+            zip(
+                order,
+                run_ranks(_step_times, 2, [layouts[n] for n in order], args.steps, timeout_s=900)[
+                    0
+                ],
+                strict=True,
+            )
         )
-    print(f"  median ratio FSDP / replicated: {statistics.median(ratios):.3f} (target <= 1.15)")
+        line = "   ".join(f"{n} {got[n] * 1e3:6.1f} ms" for n in names)
+        for n in ratios:
+            ratios[n].append(got[n] / got["replicated"])
+        print(f"  repeat {i + 1}: {line}", flush=True)
+    for n, r in ratios.items():
+        print(f"  median ratio {n} / replicated: {statistics.median(r):.3f} (target <= 1.15)")
 
     print("== parameters + gradients + AdamW state per rank (ep 1), measured vs dry run")
     base = None

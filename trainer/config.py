@@ -245,6 +245,10 @@ class ParallelConfig:
     dp_replicate: int = 1  # HSDP replicas; 1 = plain FSDP
     dp_shard: int = -1  # FSDP shard degree; -1 = world size / dp_replicate
     ep: int = 1  # expert-parallel degree; must divide dp_shard
+    # Whether a block's gathered weights are freed after its forward and gathered again in
+    # backward (less memory, one more all-gather per block): default = every block but the
+    # last (whose backward starts right away), always, or never (ZeRO-2-like).
+    reshard_after_forward: Literal["default", "always", "never"] = "default"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Seconds a collective may wait before the run fails naming it (a dead or hung rank).
     timeout_s: float = 600.0

@@ -19,7 +19,7 @@ it changes.
 
 The loop asks `take(step)` once per step: with no fault configured it is a check of two
 empty lists (no device work, no sync). The lists are read at every step, so a harness (the
-soak, `cluster/soak.py`) can add a step to the running config while the run goes on.
+soak, `cluster/soak_local.py`) can add a step to the running config while the run goes on.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@
      all-to-all dispatcher (EP > 1) or the local one (EP = 1);
   2. activation checkpointing per transformer block (`train.activation_checkpoint`);
   3. `torch.compile` per block (`train.compile`);
-  4. FSDP2 (`fully_shard`): each MoE layer's experts over `efsdp` (HSDP: x dp_replicate),
-     then each block, the embedding and the output head over `dp_shard` (HSDP: x
-     dp_replicate), then the root. Parameters become DTensors; gradients are reduce-scattered
+  4. FSDP2 (`fully_shard`): each MoE layer's experts over `efsdp` (HSDP: x dp_replicate;
+     at EP = 1 they stay in their block's unit), then each block, the embedding and the
+     output head over `dp_shard` (HSDP: x dp_replicate), then the root. Parameters become DTensors; gradients are reduce-scattered
      in backward, overlapped with it.
 
 Gradient scale: each rank's loss is the mean over its own tokens, and the training loss is
@@ -53,6 +53,7 @@ def parallelize(
     activation_checkpoint: ACMode = "none",
     compile: bool = False,
     param_dtype: torch.dtype | None = None,
+    reshard_after_forward: str = "default",
 ) -> Transformer:
     """Applies EP, activation checkpointing, compile and FSDP in place, in that order.
 
@@ -62,6 +63,7 @@ def parallelize(
         activation_checkpoint: `train.activation_checkpoint`.
         compile: `train.compile`.
         param_dtype: FSDP's compute dtype for parameters (bf16 on GPU), None = as stored.
+        reshard_after_forward: `parallel.reshard_after_forward`.
 
     Raises:
         ConfigError: an activation-checkpoint mode that does not exist.
@@ -71,7 +73,9 @@ def parallelize(
     if compile:
         apply_compile(model)
     if mesh.fsdp:
-        apply_fsdp(model, mesh, param_dtype=param_dtype)
+        apply_fsdp(
+            model, mesh, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward
+        )
     return model
 
 
@@ -208,7 +212,25 @@ def _expert_placement(param: nn.Parameter) -> Shard:
     return Shard(1)
 
 
-def apply_fsdp(model: Transformer, mesh: Mesh, *, param_dtype: torch.dtype | None) -> None:
+def _block_placement(experts: Any) -> Any:
+    """Shard experts kept in the block's unit (EP = 1) on dim 1 too; the rest by default."""
+    if not isinstance(experts, GroupedExperts):
+        return None
+    ids = {id(p) for p in experts.parameters()}
+
+    def place(param: nn.Parameter) -> Shard | None:
+        return Shard(1) if id(param) in ids else None
+
+    return place
+
+
+def apply_fsdp(
+    model: Transformer,
+    mesh: Mesh,
+    *,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: str = "default",
+) -> None:
     """FSDP2 over the mesh: experts over (dp_replicate, efsdp), the rest over
     (dp_replicate, dp_shard), with the expert-gradient divide factor of the module docstring."""
     mp = MixedPrecisionPolicy(
@@ -216,21 +238,34 @@ def apply_fsdp(model: Transformer, mesh: Mesh, *, param_dtype: torch.dtype | Non
     )
     dense_mesh = mesh.dense_fsdp_mesh()
     expert_mesh = mesh.expert_fsdp_mesh()
-    for block in model.layers:
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
+        # The last block's backward comes right after its forward: gathering it again would
+        # only cost an all-gather (unless always is asked for).
+        reshard = {"always": True, "never": False}.get(reshard_after_forward, i != last)
         inner = _unwrap(block)
         ffn = inner.ffn
         experts = getattr(ffn, "experts", None)
-        if isinstance(experts, GroupedExperts):
+        # At EP = 1 the experts are sharded like every other weight (efsdp = dp_shard, and the
+        # world is their gradients' divide factor anyway): they stay in the block's unit, one
+        # all-gather and one reduce-scatter fewer per block.
+        if isinstance(experts, GroupedExperts) and mesh.ep > 1:
             fully_shard(
                 experts,
                 mesh=expert_mesh,
                 mp_policy=mp,
                 shard_placement_fn=_expert_placement,
-                reshard_after_forward=True,
+                reshard_after_forward=reshard,
             )
             assert isinstance(experts, FSDPModule)
             experts.set_gradient_divide_factor(float(mesh.world_size))
-        fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(
+            block,
+            mesh=dense_mesh,
+            mp_policy=mp,
+            reshard_after_forward=reshard,
+            shard_placement_fn=_block_placement(experts),
+        )
     if not model.cfg.tie_embeddings:
         # Their own units: the largest dense tensors, gathered only while in use. (Tied, they
         # share one parameter and stay in the root's unit.)
