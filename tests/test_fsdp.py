@@ -226,6 +226,8 @@ def test_world2_fsdp_and_activation_checkpointing_match_one_process(tmp_path):
         ["parallel.ep=1", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
         ["parallel.ep=2", "train.activation_checkpoint=full"],
         ["parallel.ep=2", "train.activation_checkpoint=selective"],
+        ["parallel.ep=2", "parallel.reshard_after_forward=never"],
+        ["parallel.ep=2", "parallel.reshard_after_forward=always"],
     ]
     micro = [f"train.micro_batch_size={MICRO}"]
     outs = [str(tmp_path / f"w2-{i}") for i in range(len(layouts))]
