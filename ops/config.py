@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from typing import Literal
 
 
@@ -45,3 +46,21 @@ class OpsConfig:
             raise OpsConfigError(f"ops.peak_tflops ({self.peak_tflops}) must be >= 0")
         if not self.prometheus_host:
             raise OpsConfigError("ops.prometheus_host must not be empty")
+        defaults = {f.name: f.default for f in fields(OpsConfig)}
+
+        def ignored(keys: tuple[str, ...], why: str) -> None:
+            for key in keys:
+                if getattr(self, key) != defaults[key]:
+                    warnings.warn(
+                        f"ops.{key} ({getattr(self, key)!r}) is ignored: {why}", stacklevel=3
+                    )
+
+        if self.prometheus == "off":
+            ignored(
+                ("prometheus_host", "prometheus_port", "prometheus_linger_s"),
+                "ops.prometheus is 'off'",
+            )
+        elif self.prometheus == "ray":
+            ignored(("prometheus_host", "prometheus_port"), "ops.prometheus is 'ray'")
+        if not self.telemetry:
+            ignored(("rapl_root",), "ops.telemetry is false")

@@ -39,6 +39,19 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def warn_ignored(section: str, obj: Any, keys: tuple[str, ...], why: str) -> None:
+    """A warning naming each of `keys` that `obj` sets to other than its default: a setting
+    that changes nothing because `why` must not pass in silence."""
+    defaults = {f.name: f for f in dataclasses.fields(obj)}
+    for key in keys:
+        f = defaults[key]
+        factory: Any = f.default_factory
+        default = factory() if f.default is dataclasses.MISSING else f.default
+        value = getattr(obj, key)
+        if value != default:
+            warnings.warn(f"{section}.{key} ({value!r}) is ignored: {why}", stacklevel=4)
+
+
 @dataclass
 class MoEConfig:
     num_experts: int = 8
@@ -226,6 +239,17 @@ class ModelConfig:
             f"model.dim ({self.dim}) must be a multiple of 8 (grouped GEMM alignment)",
         )
         _require(self.vocab_size >= 2, f"model.vocab_size ({self.vocab_size}) must be >= 2")
+        if self.attention != "mla":
+            warn_ignored(
+                "model.mla",
+                self.mla,
+                tuple(f.name for f in dataclasses.fields(MLAConfig)),
+                f"model.attention is {self.attention!r}",
+            )
+        if self.num_dense_layers == 0:
+            warn_ignored(
+                "model", self, ("dense_hidden",), "model.num_dense_layers is 0 (every layer MoE)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -402,6 +426,14 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0")
         _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0")
 
+        if not self.loss_guard:
+            warn_ignored(
+                "train",
+                self,
+                ("spike_factor", "max_bad_steps", "on_bad_steps", "max_rollbacks"),
+                "train.loss_guard is false",
+            )
+
 
 @dataclass
 class CheckpointConfig:
@@ -424,6 +456,10 @@ class CheckpointConfig:
     upcycle: bool = False
 
     def __post_init__(self) -> None:
+        if not self.resume:
+            warn_ignored(
+                "checkpoint", self, ("load_step",), "checkpoint.resume is false (starts over)"
+            )
         _require(
             not self.upcycle or bool(self.init_from),
             "checkpoint.upcycle=true needs checkpoint.init_from (the dense checkpoint to upcycle)",
@@ -454,6 +490,8 @@ class FaultsConfig:
     loss_spike_factor: float = 10.0
 
     def __post_init__(self) -> None:
+        if not self.loss_spike_steps:
+            warn_ignored("faults", self, ("loss_spike_factor",), "faults.loss_spike_steps is empty")
         seen: dict[int, str] = {}
         for key in ("nonfinite_loss_steps", "loss_spike_steps"):
             for step in getattr(self, key):
