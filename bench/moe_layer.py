@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue as queue_mod
 import statistics
 import subprocess
 import sys
@@ -261,26 +262,35 @@ def _a2a_rank(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     E, K = 8, 2
-    d = AllToAllDispatcher(E, ep_group=dist.group.WORLD, batch_group=dist.group.WORLD)
+    group = dist.group.WORLD
+    disp = {
+        ex: AllToAllDispatcher(E, ep_group=group, batch_group=group, exchange=ex)
+        for ex in ("p2p", "all_to_all")
+    }
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, dim)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
     w = torch.rand(tokens, K)
 
-    def moe_exchange():
-        rows, _, meta = d.dispatch(x, ids, w, may_drop=False)
-        d.combine(rows, meta, x.dtype)
-        return meta
+    def exchange_with(d):
+        def moe_exchange():
+            rows, _, meta = d.dispatch(x, ids, w, may_drop=False)
+            d.combine(rows, meta, x.dtype)
+            return meta
 
-    meta = moe_exchange()
-    send, recv = meta.send_splits, meta.recv_splits
+        return moe_exchange
+
+    meta = exchange_with(disp["p2p"])()
+    L = E // 2
+    send = [sum(meta.send_SL[p * L : (p + 1) * L]) for p in range(2)]
+    recv = [sum(meta.recv_SL[p * L : (p + 1) * L]) for p in range(2)]
     buf_send = torch.randn(sum(send), dim)
 
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
     def funcol_exchange():
-        a = all_to_all_single_autograd(buf_send, recv, send, group=dist.group.WORLD)
-        b = all_to_all_single_autograd(a, send, recv, group=dist.group.WORLD)
+        a = all_to_all_single_autograd(buf_send, recv, send, group=group)
+        b = all_to_all_single_autograd(a, send, recv, group=group)
         b.sum()  # waits on the collective
 
     def raw_exchange():
@@ -289,26 +299,26 @@ def _a2a_rank(
         b = torch.empty(sum(send), dim)
         dist.all_to_all_single(b, a, send, recv)
 
-    raw_exchange()
-    funcol_exchange()
-    t_moe, t_raw, t_fc = [], [], []
+    fns = {
+        "raw": raw_exchange,
+        "funcol": funcol_exchange,
+        "p2p": exchange_with(disp["p2p"]),
+        "all_to_all": exchange_with(disp["all_to_all"]),
+    }
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for fn, acc in ((moe_exchange, t_moe), (raw_exchange, t_raw), (funcol_exchange, t_fc)):
+        for name, fn in fns.items():
             dist.barrier()
             t0 = time.perf_counter()
             fn()
-            acc.append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
     # bytes this rank sent in both directions
     nbytes = (sum(send) + sum(recv)) * dim * 4
     if rank == 0:
-        queue.put(
-            {
-                "moe_s": statistics.median(t_moe),
-                "raw_s": statistics.median(t_raw),
-                "funcol_s": statistics.median(t_fc),
-                "bytes": nbytes,
-            }
-        )
+        res = {name + "_s": statistics.median(t) for name, t in times.items()}
+        queue.put({**res, "bytes": nbytes})
     dist.destroy_process_group()
 
 
@@ -327,28 +337,48 @@ def mode_a2a(args) -> dict:
         ]
         for p in procs:
             p.start()
-        res = q.get(timeout=600)
+        res = None
+        while res is None:
+            try:
+                res = q.get(timeout=5)
+            except queue_mod.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    for p in procs:
+                        p.kill()
+                    raise SystemExit(f"mode a2a: a rank exited with {dead[0]}") from None
         for p in procs:
             p.join()
-    moe_bw = res["bytes"] / res["moe_s"] / 1e9
-    raw_bw = res["bytes"] / res["raw_s"] / 1e9
-    fc_bw = res["bytes"] / res["funcol_s"] / 1e9
+    bw = {
+        name: res["bytes"] / res[name + "_s"] / 1e9
+        for name in ("raw", "funcol", "p2p", "all_to_all")
+    }
     print(
-        f"\nEP=2 on gloo, {args.tokens} tokens x dim {args.dim} per rank, 8 experts top-2, median of {args.repeats}"
+        f"\nEP=2 on gloo, {args.tokens} tokens x dim {args.dim} per rank, 8 experts top-2, "
+        f"median of {args.repeats} interleaved repeats; GB/s and ratio to raw all_to_all"
     )
     print(
-        f"{'raw all_to_all GB/s':>20} {'dispatcher a2a GB/s':>20} {'ratio':>6} {'dispatch+combine GB/s':>22} {'ratio':>6}"
+        f"{'raw all_to_all':>16} {'dispatcher a2a':>16} {'whole, p2p':>16} {'whole, all_to_all':>18}"
     )
     print(
-        f"{raw_bw:>20.2f} {fc_bw:>20.2f} {fc_bw / raw_bw:>6.2f} {moe_bw:>22.2f} {moe_bw / raw_bw:>6.2f}"
-        "   (target: dispatch+combine / raw >= 0.6)"
+        f"{bw['raw']:>10.2f} GB/s "
+        + " ".join(
+            f"{bw[n]:>6.2f} ({bw[n] / bw['raw']:.2f})".rjust(w)
+            for n, w in (("funcol", 16), ("p2p", 16), ("all_to_all", 18))
+        )
+        + "   (target: whole dispatch+combine / raw >= 0.6)"
     )
     print(
-        f"per exchange (there and back): raw {res['raw_s'] * 1e3:.1f} ms, dispatcher a2a "
-        f"{res['funcol_s'] * 1e3:.1f} ms, whole dispatch+combine {res['moe_s'] * 1e3:.1f} ms, "
-        f"{res['bytes'] / 1e6:.1f} MB"
+        f"per exchange (there and back, {res['bytes'] / 1e6:.1f} MB): raw {res['raw_s'] * 1e3:.1f} ms, "
+        f"dispatcher a2a {res['funcol_s'] * 1e3:.1f} ms, whole dispatch+combine "
+        f"{res['p2p_s'] * 1e3:.1f} ms (p2p) / {res['all_to_all_s'] * 1e3:.1f} ms (all_to_all)"
     )
-    return {"raw_GBps": raw_bw, "a2a_GBps": fc_bw, "moe_GBps": moe_bw}
+    return {
+        "raw_GBps": bw["raw"],
+        "a2a_GBps": bw["funcol"],
+        "p2p_GBps": bw["p2p"],
+        "all_to_all_GBps": bw["all_to_all"],
+    }
 
 
 def main() -> None:

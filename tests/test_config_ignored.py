@@ -45,6 +45,10 @@ def _warnings(overrides: list[str]) -> list[str]:
             "ops.prometheus_port (9999) is ignored: ops.prometheus is 'off'",
         ),
         (["ops.telemetry=false", "ops.rapl_root=/x"], "ops.rapl_root ('/x') is ignored"),
+        (
+            ["parallel.ep=1", "parallel.ep_exchange=p2p"],
+            "parallel.ep_exchange ('p2p') is ignored: parallel.ep is 1",
+        ),
     ],
 )
 def test_an_ignored_setting_warns_naming_its_key(overrides, needle):
@@ -64,5 +68,6 @@ def test_the_same_settings_where_they_apply_are_silent():
         "faults.loss_spike_factor=3",
         "ops.prometheus=client",
         "ops.prometheus_port=9999",
+        "parallel.ep_exchange=p2p",
     ]
     assert not [w for w in _warnings(applied) if "is ignored" in w]

@@ -68,7 +68,7 @@ def _reference(world: int, **kw):
     }
 
 
-def _ep_rank(rank: int, world: int, ep: int, kw: dict):
+def _ep_rank(rank: int, world: int, ep: int, kw: dict, exchange: str = "auto"):
     torch.manual_seed(1234 + rank)  # nothing in the layer may depend on the rank's RNG
     mesh = build_mesh(world_size=world, rank=rank, ep=ep)
     w, x, grad_out = _weights_and_data(world)
@@ -76,7 +76,10 @@ def _ep_rank(rank: int, world: int, ep: int, kw: dict):
     moe = _layer(w, mesh.ep_rank * L, L, **kw)
     if ep > 1:
         moe.dispatcher = AllToAllDispatcher(
-            MOE["num_experts"], ep_group=mesh.group("ep"), batch_group=mesh.group("world")
+            MOE["num_experts"],
+            ep_group=mesh.group("ep"),
+            batch_group=mesh.group("world"),
+            exchange=exchange,
         )
     else:
         moe.dispatcher = LocalDispatcher(MOE["num_experts"], batch_group=mesh.group("world"))
@@ -106,10 +109,21 @@ def _ep_rank(rank: int, world: int, ep: int, kw: dict):
     }
 
 
-@pytest.mark.parametrize(("world", "ep"), [(1, 1), (2, 2), (2, 1), (4, 4), (4, 2)])
-def test_ep_layer_matches_single_process_reference(world, ep):
+@pytest.mark.parametrize(
+    ("world", "ep", "exchange"),
+    [
+        (1, 1, "auto"),
+        (2, 2, "p2p"),
+        (2, 2, "all_to_all"),
+        (2, 1, "auto"),
+        (4, 4, "p2p"),
+        (4, 2, "p2p"),
+        (4, 2, "all_to_all"),
+    ],
+)
+def test_ep_layer_matches_single_process_reference(world, ep, exchange):
     ref = _reference(world)
-    results = run_ranks(_ep_rank, world, ep, {})
+    results = run_ranks(_ep_rank, world, ep, {}, exchange)
     L = MOE["num_experts"] // ep
     tol = dict(rtol=1e-5, atol=1e-5)
     for rank, r in enumerate(results):
@@ -226,3 +240,100 @@ def test_gradient_scale_at_ep2_equals_ep1():
             if name + "@slice" in got:
                 want = want[tuple(slice(a, b) for a, b in got[name + "@slice"])]
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+def test_chunk_starts_in_both_orders():
+    from trainer.dispatch import _chunk_starts
+
+    # 2 ranks x 3 local experts; counts[p * L + j]
+    counts = [1, 0, 2, 3, 4, 5]
+    assert _chunk_starts(counts, 2, 3, expert_major=False) == [0, 1, 1, 3, 6, 10]
+    # expert-major: (0,0) at 0, (1,0) at 1, (0,1) at 4 (empty), (1,1) at 4, (0,2) at 8,
+    # (1,2) at 10; listed by p * L + j
+    assert _chunk_starts(counts, 2, 3, expert_major=True) == [0, 4, 8, 1, 4, 10]
+
+
+def _exchange_rank(rank: int, world: int, ep: int):
+    from trainer.dispatch import ep_exchange
+
+    mesh = build_mesh(world_size=world, rank=rank, ep=ep)
+    group = mesh.group("ep")
+    me, L = mesh.ep_rank, 3
+    # Rows rank q sends to rank p's local expert j: (q + 2p + j) % 3 (some chunks empty).
+    n = [[[(q + 2 * p + j) % 3 for j in range(L)] for p in range(ep)] for q in range(ep)]
+    send_SL = [n[me][p][j] for p in range(ep) for j in range(L)]
+    recv_SL = [n[q][me][j] for q in range(ep) for j in range(L)]
+    # Row value encodes (source rank, destination rank, local expert, row within chunk).
+    rows = [
+        [1000 * me + 100 * p + 10 * j + i, -1.0]
+        for p in range(ep)
+        for j in range(L)
+        for i in range(n[me][p][j])
+    ]
+    x = torch.tensor(rows, dtype=torch.float64, requires_grad=True)
+    out = ep_exchange(x, send_SL, recv_SL, group.group_name, True)
+    # grouped by local expert, then by source rank, each chunk in the sender's order
+    want = [
+        1000 * q + 100 * me + 10 * j + i
+        for j in range(L)
+        for q in range(ep)
+        for i in range(n[q][me][j])
+    ]
+    back = ep_exchange(out, send_SL, recv_SL, group.group_name, False)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    (out * g).sum().backward()
+    # the backward is the way back: <exchange(x), g> = <x, exchange^T(g)>
+    gx = ep_exchange(g, send_SL, recv_SL, group.group_name, False)
+    return {
+        "got": out[:, 0].tolist(),
+        "want": want,
+        "round_trip": torch.equal(back.detach(), x.detach()),
+        "grad_is_way_back": torch.equal(x.grad, gx),
+    }
+
+
+@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2), (4, 4)])
+def test_ep_exchange_places_rows_by_local_expert_and_back(world, ep):
+    for r in run_ranks(_exchange_rank, world, ep):
+        assert r["got"] == r["want"]
+        assert r["round_trip"] and r["grad_is_way_back"]
+
+
+def _count_exchanges_rank(rank: int, world: int, mode: str) -> int:
+    from torch.utils.checkpoint import checkpoint
+
+    import trainer.dispatch as dispatch
+    from trainer.parallelize import _selective_context
+
+    calls = []
+    inner = dispatch._exchange
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1])
+        return inner(*args, **kwargs)
+
+    dispatch._exchange = counting  # this spawned process only
+    w, x, _ = _weights_and_data(world)
+    moe = _layer(w, rank * 4, 4)
+    group = dist.group.WORLD
+    moe.dispatcher = AllToAllDispatcher(8, ep_group=group, batch_group=group, exchange="p2p")
+    xs = x[rank * T : (rank + 1) * T].clone().requires_grad_()
+
+    def run(x):
+        return moe(x.view(1, T, D))[0]
+
+    if mode == "none":
+        out = run(xs)
+    elif mode == "full":
+        out = checkpoint(run, xs, use_reentrant=False)
+    else:
+        out = checkpoint(run, xs, use_reentrant=False, context_fn=_selective_context)
+    out.sum().backward()
+    return len(calls)
+
+
+@pytest.mark.parametrize(("mode", "exchanges"), [("none", 4), ("selective", 4), ("full", 6)])
+def test_selective_checkpointing_keeps_the_row_exchange(mode, exchanges):
+    # Two exchanges in the forward, two in the backward; a full recompute repeats the
+    # forward's two, a selective one reuses their outputs.
+    assert run_ranks(_count_exchanges_rank, 2, mode) == [exchanges, exchanges]

@@ -124,7 +124,7 @@ def test_drops_at_ep1_give_finite_exact_input_gradients(monkeypatch):
     torch.testing.assert_close(w1_grad, moe.experts.w1.grad, rtol=1e-5, atol=1e-5)
 
 
-def _ep_drop_rank(rank: int, world: int) -> dict[str, torch.Tensor]:
+def _ep_drop_rank(rank: int, world: int, exchange: str) -> dict[str, torch.Tensor]:
     torch._grouped_mm = poisoned_grouped_mm  # this spawned process only
     moe = make_moe(num_experts=4, capacity_factor=0.5)
     g = torch.Generator().manual_seed(10 + rank)
@@ -136,7 +136,9 @@ def _ep_drop_rank(rank: int, world: int) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for n, w in full.items():
             getattr(moe.experts, n).copy_(w[rank * L : (rank + 1) * L])
-    moe.dispatcher = AllToAllDispatcher(4, ep_group=torch.distributed.group.WORLD, batch_group=None)
+    moe.dispatcher = AllToAllDispatcher(
+        4, ep_group=torch.distributed.group.WORLD, batch_group=None, exchange=exchange
+    )
     _poison_freed_memory()
     xa = x.clone().requires_grad_()
     out, _ = moe(xa.view(1, 12, D))
@@ -155,8 +157,9 @@ def _ep_drop_rank(rank: int, world: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_drops_at_ep2_give_finite_exact_input_gradients():
-    for r in run_ranks(_ep_drop_rank, 2):
+@pytest.mark.parametrize("exchange", ["p2p", "all_to_all"])
+def test_drops_at_ep2_give_finite_exact_input_gradients(exchange):
+    for r in run_ranks(_ep_drop_rank, 2, exchange):
         assert r["dropped"].item() > 0
         assert torch.isfinite(r["x_grad"]).all()
         torch.testing.assert_close(r["out"], r["ref"], rtol=1e-5, atol=1e-5)
@@ -280,11 +283,11 @@ def test_sync_budget_at_ep1_is_zero(cf):
     assert fwd.syncs == [] and bwd.syncs == []
 
 
-def _sync_rank(rank: int, world: int, cf: float) -> tuple[list[str], list[str]]:
+def _sync_rank(rank: int, world: int, cf: float, exchange: str) -> tuple[list[str], list[str]]:
     moe = make_moe(num_experts=4, capacity_factor=cf, aux_loss_coef=0.01)
     moe.experts.shard(expert_offset=rank * 2, num_local=2)
     group = torch.distributed.group.WORLD
-    moe.dispatcher = AllToAllDispatcher(4, ep_group=group, batch_group=group)
+    moe.dispatcher = AllToAllDispatcher(4, ep_group=group, batch_group=group, exchange=exchange)
     moe.train()
     x = torch.randn(1, 16, D, requires_grad=True)
     with SyncCounter() as fwd:
@@ -295,9 +298,10 @@ def _sync_rank(rank: int, world: int, cf: float) -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.slow
-def test_sync_budget_at_ep2_is_one_copy_per_layer():
+@pytest.mark.parametrize("exchange", ["p2p", "all_to_all"])
+def test_sync_budget_at_ep2_is_one_copy_per_layer(exchange):
     for cf in (0.0, 1.0):
-        for fwd, bwd in run_ranks(_sync_rank, 2, cf):
+        for fwd, bwd in run_ranks(_sync_rank, 2, cf, exchange):
             assert fwd == ["copy to host"] and bwd == [], (cf, fwd, bwd)
 
 

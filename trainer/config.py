@@ -273,6 +273,11 @@ class ParallelConfig:
     # backward (less memory, one more all-gather per block): default = every block but the
     # last (whose backward starts right away), always, or never (ZeRO-2-like).
     reshard_after_forward: Literal["default", "always", "never"] = "default"
+    # How token rows move between EP ranks (trainer/dispatch.py): p2p = one message per
+    # (rank, local expert) chunk, received straight into the grouped GEMM's order, no regroup
+    # copies; all_to_all = one all_to_all_single per direction plus a regroup copy each way;
+    # auto = p2p on gloo, all_to_all on NCCL.
+    ep_exchange: Literal["auto", "p2p", "all_to_all"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Seconds a collective may wait before the run fails naming it (a dead or hung rank).
     timeout_s: float = 600.0
@@ -303,6 +308,8 @@ class ParallelConfig:
             f"parallel.timeout_s ({self.timeout_s}) must be > 0 and at most {MAX_WAIT_S} (7 days)",
         )
         _require(self.world_size >= 0, f"parallel.world_size ({self.world_size}) must be >= 0")
+        if self.ep == 1:
+            warn_ignored("parallel", self, ("ep_exchange",), "parallel.ep is 1 (rows stay local)")
         if self.world_size:
             self.degrees(self.world_size, where="parallel.world_size")
         _require(

@@ -6,20 +6,35 @@ p = t * K + k), S the same pairs sorted by expert, R rows received by this rank'
 
 Two implementations behind one interface. `LocalDispatcher` (EP=1) sorts the pairs by expert
 and hands them to the grouped GEMM. `AllToAllDispatcher` (EP>1) sorts by global expert,
-exchanges per-expert counts, moves the rows with `all_to_all_single` through autograd-aware
-functional collectives, regroups them by local expert, and reverses all of it on the way
-back. Model code calls a dispatcher and never holds a process group itself.
+exchanges per-expert counts, sends each rank the rows of its experts and returns their outputs
+the same way. Model code calls a dispatcher and never holds a process group itself.
 
 The token rows are copied once on the way in (one gather from tokens to expert-sorted rows)
-and read once on the way out (K gathers of [T, D], one per k, multiply-added into an fp32
-[T, D]: no [T * K, D] weighted or fp32 copy). Each gather is a custom autograd function
-whose backward is again a gather through the inverse permutation, so neither direction
-scatters with `index_add_`: the whole path is deterministic on CUDA, forward and backward,
-and needs no `train.deterministic` switch.
+and read once on the way out: the combine is one fused weighted gather-sum
+(`F.embedding_bag` with per-pair weights) for fp32 rows, and K gathers multiply-added into an
+fp32 [T, D] for bf16 rows, so their sum is accumulated in fp32 either way; there is no
+[T * K, D] weighted or fp32 copy. Each direction is a custom autograd function whose
+backward is again a gather (or a gather-sum) through the inverse permutation, so neither
+direction scatters with `index_add_`: the whole path is deterministic on CUDA, forward and
+backward, and needs no `train.deterministic` switch.
 
-Dropped pairs (capacity) carry the id E, sort last, and their rows are zeros in the forward;
-their gradients are masked to zero in the backward, so the rows the grouped GEMM leaves
-unwritten past its last offset (uninitialised memory) never reach a token's gradient.
+Between ranks (`parallel.ep_exchange`):
+- `p2p` sends every (rank, local expert) chunk of rows straight to its place: the receiver
+  gets them already grouped by local expert, the grouped GEMM's order, and the outputs go
+  back into the sender's expert-sorted order. No regroup copy on either side; ep x L
+  point-to-point messages per direction (`ep_exchange`, a custom op with its own backward).
+- `all_to_all` moves each rank's rows with one `all_to_all_single` per direction, then
+  regroups the received rows by local expert and back (two more row copies). One collective
+  per direction, the usual shape on NCCL, where a copy at HBM speed costs a fraction of the
+  transfer.
+- `auto` (default): `p2p` on gloo, where every copy runs on the cores the transfer needs,
+  `all_to_all` on NCCL.
+
+Dropped pairs (capacity) carry the id E and sort last. Their rows are zeros in the forward
+and are never sent; the combine reads a kept row in their place with weight 0 (capacity keeps
+at least one pair per rank, and that pair sorts first), and their gradients are masked to
+zero in the backward, so the rows the grouped GEMM leaves unwritten past its last offset
+(uninitialised memory) never reach a token or its gradient.
 
 Host syncs: none at EP=1; one per layer at EP>1 (the split sizes, both directions, in one
 copy). `tests/test_moe_sync.py` counts them.
@@ -27,12 +42,14 @@ copy). `tests/test_moe_sync.py` counts them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -44,16 +61,18 @@ class DispatchMeta:
         inverse).
     weights_TK: fp32 combine weights, 0 for dropped pairs.
     keep_P: token-major mask of kept pairs; None when no pair can have been dropped.
-    send_splits / recv_splits: rows sent to / received from each EP rank (all-to-all only).
-    regroup_R / ungroup_R: source-major received rows -> local-expert-major and back.
+    send_SL / recv_SL: rows sent to each EP rank for each of its local experts / received
+        from each EP rank for each local expert, flattened [ep * L] (EP>1 only).
+    regroup_R / ungroup_R: source-major received rows -> local-expert-major and back
+        (`all_to_all` exchange only).
     """
 
     order_S: Tensor
     pos_P: Tensor
     weights_TK: Tensor
     keep_P: Tensor | None
-    send_splits: list[int] | None = None
-    recv_splits: list[int] | None = None
+    send_SL: list[int] | None = None
+    recv_SL: list[int] | None = None
     regroup_R: Tensor | None = None
     ungroup_R: Tensor | None = None
 
@@ -92,9 +111,9 @@ def sort_pairs(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor
 class _ReplicateRows(torch.autograd.Function):
     """rows_S[s] = x_TD[order_S[s] // K], zero for dropped pairs.
 
-    Backward: grad_x[t] = sum over k of grad_rows[pos_P[t * K + k]], K gathers of [T, D]
-    summed in place (no scatter, and no [T * K, D] temporary), the dropped pairs' gradient
-    rows masked out first.
+    Backward: grad_x[t] = sum over k of grad_rows[pos_P[t * K + k]], one fused gather-sum
+    (`F.embedding_bag`, no scatter and no [T * K, D] temporary); a dropped pair reads a kept
+    row with weight 0, so a gradient row the grouped GEMM left unwritten never enters the sum.
     """
 
     @staticmethod
@@ -111,30 +130,30 @@ class _ReplicateRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_SD: Tensor) -> tuple[Tensor | None, ...]:
         pos_P, keep_P = ctx.saved_tensors
-        pos_TK = pos_P.view(-1, ctx.top_k)
-        keep_TK = None if keep_P is None else keep_P.view(-1, ctx.top_k)
-        grad_TD = _gather_pairs(grad_SD, pos_TK, keep_TK, 0)
-        for k in range(1, ctx.top_k):
-            grad_TD += _gather_pairs(grad_SD, pos_TK, keep_TK, k)
+        pos_TK = _safe_pos(pos_P, keep_P).view(-1, ctx.top_k)
+        keep_w = None if keep_P is None else keep_P.view_as(pos_TK).to(grad_SD.dtype)
+        grad_TD = F.embedding_bag(pos_TK, grad_SD, mode="sum", per_sample_weights=keep_w)
         return grad_TD, None, None, None, None
 
 
-def _gather_pairs(rows_SD: Tensor, pos_TK: Tensor, keep_TK: Tensor | None, k: int) -> Tensor:
-    """The sorted row of every token's k-th pair: [T, D], zero where that pair was dropped
-    (masked_fill, not a multiply: rows the grouped GEMM left unwritten may hold NaN)."""
-    out_TD = rows_SD.index_select(0, pos_TK[:, k])
-    if keep_TK is not None:
-        out_TD.masked_fill_(~keep_TK[:, k : k + 1], 0)
-    return out_TD
+def _safe_pos(pos_P: Tensor, keep_P: Tensor | None) -> Tensor:
+    """pos_P with every dropped pair pointed at sorted row 0, a kept pair's row (kept pairs
+    sort first, and capacity keeps at least one), so that reading it is always in range and
+    finite; the caller gives those reads weight 0."""
+    if keep_P is None:
+        return pos_P
+    return torch.where(keep_P, pos_P, 0)
 
 
 class _Combine(torch.autograd.Function):
     """out[t] = sum over k of w[t, k] * y[pos[t, k]], accumulated in fp32.
 
-    Forward: K gathers of [T, D], multiply-added into one fp32 [T, D] (no [T * K, D] copy,
-    no fp32 copy of bf16 rows). Backward: one gather g[s] = grad_out[token of s]; then
-    grad_w[s] = <y[s], g[s]> (row chunks of T) and grad_y[s] = w[s] * g[s] in place. No
-    scatter.
+    y_SD holds the expert outputs of the kept pairs (a prefix of the expert-sorted order) and
+    may hold more rows (the dropped pairs' rows at EP=1, never read). Forward: for fp32 rows
+    one fused weighted gather-sum (`F.embedding_bag`); for bf16 rows K gathers of [T, D]
+    multiply-added into one fp32 [T, D] (no fp32 copy of the rows). Backward: one gather
+    g[s] = grad_out[token of s]; then grad_w[s] = <y[s], g[s]> (row chunks of T) and
+    grad_y[s] = w[s] * g[s] in place. No scatter.
     """
 
     @staticmethod
@@ -147,38 +166,47 @@ class _Combine(torch.autograd.Function):
         keep_P: Tensor | None,
     ) -> Tensor:
         T, K = weights_TK.shape
-        pos_TK = pos_P.view(T, K)
-        keep_TK = None if keep_P is None else keep_P.view(T, K)
-        out_TD = torch.zeros(T, y_SD.shape[1], dtype=torch.float32, device=y_SD.device)
-        for k in range(K):
-            out_TD.addcmul_(_gather_pairs(y_SD, pos_TK, keep_TK, k), weights_TK[:, k : k + 1])
-        ctx.save_for_backward(y_SD, weights_TK, order_S, pos_P, keep_P)
+        pos_TK = _safe_pos(pos_P, keep_P).view(T, K)
+        # A dropped pair reads row 0: its weight must be 0, whatever the caller passed.
+        w_TK = weights_TK if keep_P is None else weights_TK.masked_fill(~keep_P.view(T, K), 0)
+        if y_SD.dtype in (torch.float32, torch.float64):
+            out_TD = F.embedding_bag(
+                pos_TK, y_SD, mode="sum", per_sample_weights=w_TK.to(y_SD.dtype)
+            )
+        else:
+            out_TD = torch.zeros(T, y_SD.shape[1], dtype=torch.float32, device=y_SD.device)
+            for k in range(K):
+                out_TD.addcmul_(y_SD.index_select(0, pos_TK[:, k]), w_TK[:, k : k + 1])
+        ctx.save_for_backward(y_SD, w_TK, order_S, pos_TK, keep_P)
         return out_TD
 
     @staticmethod
     def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, ...]:
-        y_SD, weights_TK, order_S, pos_P, keep_P = ctx.saved_tensors
+        y_SD, weights_TK, order_S, pos_TK, keep_P = ctx.saved_tensors
         T, K = weights_TK.shape
-        # g_S[s] = grad_out[token of s]: one gather serves both gradients.
-        g_SD = grad_TD.index_select(0, order_S // K)
+        R = y_SD.shape[0]
+        order_R = order_S[:R]
+        # g_R[s] = grad_out[token of s]: one gather serves both gradients.
+        g_RD = grad_TD.index_select(0, order_R // K)
         grad_w = None
         if ctx.needs_input_grad[1]:
             # <y[s], grad_out[token of s]> in row chunks: no [T * K, D] product at once.
-            dot_S = torch.cat(
+            dot_R = torch.cat(
                 [
                     torch.linalg.vecdot(y_c.to(g_c.dtype), g_c)
-                    for y_c, g_c in zip(y_SD.split(T), g_SD.split(T), strict=True)
+                    for y_c, g_c in zip(y_SD.split(T), g_RD.split(T), strict=True)
                 ]
             )
+            grad_w = dot_R.index_select(0, pos_TK.reshape(-1)).view(T, K)
             if keep_P is not None:
-                # masked_fill, not a multiply: dropped rows may hold NaN.
-                dot_S.masked_fill_(~keep_P.index_select(0, order_S), 0)
-            grad_w = dot_S.index_select(0, pos_P).view(T, K)
+                # masked_fill, not a multiply: a dropped row may hold NaN, and a dropped
+                # pair read row 0 in the forward with weight 0.
+                grad_w.masked_fill_(~keep_P.view(T, K), 0)
         grad_y = None
         if ctx.needs_input_grad[0]:
             # Dropped pairs have weight 0, so their rows get a zero gradient.
-            w_S = weights_TK.reshape(-1).index_select(0, order_S).unsqueeze(1)
-            grad_y = g_SD.mul_(w_S).to(y_SD.dtype)
+            w_R = weights_TK.reshape(-1).index_select(0, order_R).unsqueeze(1)
+            grad_y = g_RD.mul_(w_R).to(y_SD.dtype)
         return grad_y, grad_w, None, None, None
 
 
@@ -218,8 +246,9 @@ def replicate_rows(
 def weighted_combine(y_SD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
     """out[t] = sum over t's pairs of weight * expert output, accumulated in fp32.
 
-    y_SD: expert outputs of all T * K pairs in expert-sorted order (rows of dropped pairs may
-    hold anything, NaN included: they are masked, never multiplied). See `_Combine`.
+    y_SD: expert outputs in expert-sorted order, at least the kept pairs' rows (rows of
+    dropped pairs, where present, may hold anything, NaN included: they are never read).
+    See `_Combine`.
     """
     out_TD = _Combine.apply(y_SD, meta.weights_TK, meta.order_S, meta.pos_P, meta.keep_P)
     return out_TD.to(out_dtype)
@@ -316,8 +345,104 @@ def regroup_indices(recv_counts_SL: Tensor, num_rows: int) -> tuple[Tensor, Tens
     return regroup_R, ungroup_R
 
 
+def _chunk_starts(counts_SL: list[int], ep: int, L: int, *, expert_major: bool) -> list[int]:
+    """Start row of chunk (rank p, local expert j), at index p * L + j, in a buffer ordered
+    rank-major ([p][j], the expert-sorted order of the sender) or expert-major ([j][p], the
+    grouped GEMM's order of the receiver)."""
+    if expert_major:
+        order = [(p, j) for j in range(L) for p in range(ep)]
+    else:
+        order = [(p, j) for p in range(ep) for j in range(L)]
+    starts = [0] * (ep * L)
+    row = 0
+    for p, j in order:
+        starts[p * L + j] = row
+        row += counts_SL[p * L + j]
+    return starts
+
+
+def _exchange(
+    x_ND: Tensor, send_SL: list[int], recv_SL: list[int], group_name: str, to_experts: bool
+) -> Tensor:
+    group = dist.distributed_c10d._resolve_process_group(group_name)  # type: ignore[arg-type]
+    ep, me = dist.get_world_size(group), dist.get_rank(group)
+    L = len(send_SL) // ep
+    # to_experts: send rank-major chunks of send_SL, receive expert-major chunks of recv_SL.
+    # Back: send expert-major chunks of recv_SL, receive rank-major chunks of send_SL.
+    out_counts, in_counts = (recv_SL, send_SL) if to_experts else (send_SL, recv_SL)
+    in_starts = _chunk_starts(in_counts, ep, L, expert_major=not to_experts)
+    out_starts = _chunk_starts(out_counts, ep, L, expert_major=to_experts)
+    out_ND = x_ND.new_empty(sum(out_counts), x_ND.shape[1])
+    ops = []
+    for p in range(ep):
+        if p == me:
+            continue
+        peer = dist.get_global_rank(group, p)
+        for j in range(L):
+            c = p * L + j
+            if in_counts[c]:
+                chunk = x_ND[in_starts[c] : in_starts[c] + in_counts[c]]
+                ops.append(dist.P2POp(dist.isend, chunk, peer, group, tag=j))
+            if out_counts[c]:
+                chunk = out_ND[out_starts[c] : out_starts[c] + out_counts[c]]
+                ops.append(dist.P2POp(dist.irecv, chunk, peer, group, tag=j))
+    works = dist.batch_isend_irecv(ops) if ops else []
+    # This rank's own chunks move while the messages travel.
+    for j in range(L):
+        c = me * L + j
+        n = in_counts[c]
+        out_ND[out_starts[c] : out_starts[c] + n].copy_(x_ND[in_starts[c] : in_starts[c] + n])
+    for w in works:
+        w.wait()
+    return out_ND
+
+
+@torch.library.custom_op("moeyard::ep_exchange", mutates_args=())
+def ep_exchange(
+    x_ND: Tensor, send_SL: list[int], recv_SL: list[int], group_name: str, to_experts: bool
+) -> Tensor:
+    """Moves token rows between the EP ranks of `group_name`, chunk by chunk, straight to
+    where they belong.
+
+    to_experts=True: x_ND is this rank's kept rows in expert-sorted order (rank-major chunks
+    of send_SL); returns the rows of this rank's experts grouped by local expert
+    (expert-major chunks of recv_SL: [local expert][source rank]). to_experts=False is the
+    way back (and the adjoint: each direction's backward is the other one). send_SL[p * L + j]
+    rows go from this rank to rank p's local expert j; recv_SL[p * L + j] come from rank p
+    for this rank's local expert j. A custom op, so that selective activation checkpointing
+    can keep its output and `torch.compile` treats it as one opaque call.
+    """
+    x_ND = x_ND.contiguous()
+    return _exchange(x_ND, send_SL, recv_SL, group_name, to_experts)
+
+
+@ep_exchange.register_fake
+def _(
+    x_ND: Tensor, send_SL: list[int], recv_SL: list[int], group_name: str, to_experts: bool
+) -> Tensor:
+    return x_ND.new_empty(sum(recv_SL if to_experts else send_SL), x_ND.shape[1])
+
+
+def _ep_exchange_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    _, ctx.send_SL, ctx.recv_SL, ctx.group_name, ctx.to_experts = inputs
+
+
+def _ep_exchange_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    back = ep_exchange(grad, ctx.send_SL, ctx.recv_SL, ctx.group_name, not ctx.to_experts)
+    return back, None, None, None, None
+
+
+ep_exchange.register_autograd(_ep_exchange_backward, setup_context=_ep_exchange_setup)
+
+EXCHANGES = ("auto", "p2p", "all_to_all")
+
+
 class AllToAllDispatcher(TokenDispatcher):
-    """EP>1: experts are split over the ranks of `ep_group`, consecutive global ids per rank."""
+    """EP>1: experts are split over the ranks of `ep_group`, consecutive global ids per rank.
+
+    exchange: how rows move between the ranks (see the module docstring): `p2p`,
+    `all_to_all`, or `auto` (`p2p` on gloo, `all_to_all` otherwise).
+    """
 
     def __init__(
         self,
@@ -325,6 +450,7 @@ class AllToAllDispatcher(TokenDispatcher):
         *,
         ep_group: dist.ProcessGroup,
         batch_group: dist.ProcessGroup | None,
+        exchange: str = "auto",
     ) -> None:
         self.ep_group = ep_group
         self.batch_group = batch_group
@@ -332,6 +458,11 @@ class AllToAllDispatcher(TokenDispatcher):
         self.ep_rank = dist.get_rank(ep_group)
         if num_experts % self.ep:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by ep ({self.ep})")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"parallel.ep_exchange ({exchange!r}) must be one of {EXCHANGES}")
+        if exchange == "auto":
+            exchange = "p2p" if dist.get_backend(ep_group) == "gloo" else "all_to_all"
+        self.exchange = exchange
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep
         self.expert_offset = self.ep_rank * self.num_local_experts
@@ -353,46 +484,60 @@ class AllToAllDispatcher(TokenDispatcher):
         # is not a host sync).
         rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
         recv_counts_SL = funcol.wait_tensor(recv_pending)
-        # The one device-to-host sync of the layer: both directions' split sizes in one copy.
-        splits = (
-            torch.cat([send_counts_SL.sum(1), recv_counts_SL.sum(1)]).to("cpu", copy=True).tolist()
-        )
-        send_splits, recv_splits = splits[:ep], splits[ep:]
-        num_kept = sum(send_splits)
+        # The one device-to-host sync of the layer: both directions' chunk sizes in one copy.
+        counts = torch.cat([send_counts_SL.reshape(-1), recv_counts_SL.reshape(-1)])
+        host = counts.to("cpu", copy=True).tolist()
+        send_SL, recv_SL = host[: ep * L], host[ep * L :]
+        num_kept = sum(send_SL)
         # Kept rows are a prefix of the sorted buffer: the view costs no copy.
         send_SD = rows_SD if num_kept == rows_SD.shape[0] else rows_SD[:num_kept]
-        x_recv_RD = all_to_all_single_autograd(
-            send_SD, recv_splits, send_splits, group=self.ep_group
-        )
-        regroup_R, ungroup_R = regroup_indices(recv_counts_SL, sum(recv_splits))
         meta = DispatchMeta(
             order_S=order_S,
             pos_P=pos_P,
             weights_TK=w_TK,
             keep_P=keep_P,
-            send_splits=send_splits,
-            recv_splits=recv_splits,
-            regroup_R=regroup_R,
-            ungroup_R=ungroup_R,
+            send_SL=send_SL,
+            recv_SL=recv_SL,
         )
-        return permute_rows(x_recv_RD, regroup_R, ungroup_R), recv_counts_SL.sum(0), meta
+        counts_L = recv_counts_SL.sum(0)
+        if self.exchange == "p2p":
+            group_name = self.ep_group.group_name
+            return ep_exchange(send_SD, send_SL, recv_SL, group_name, True), counts_L, meta
+        send_splits, recv_splits = _per_rank(send_SL, ep), _per_rank(recv_SL, ep)
+        x_recv_RD = all_to_all_single_autograd(
+            send_SD, recv_splits, send_splits, group=self.ep_group
+        )
+        regroup_R, ungroup_R = regroup_indices(recv_counts_SL, sum(recv_splits))
+        meta = dataclasses.replace(meta, regroup_R=regroup_R, ungroup_R=ungroup_R)
+        return permute_rows(x_recv_RD, regroup_R, ungroup_R), counts_L, meta
 
     def combine(self, y_RD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-        assert meta.regroup_R is not None and meta.ungroup_R is not None
-        assert meta.send_splits is not None and meta.recv_splits is not None
-        y_src_RD = permute_rows(y_RD, meta.ungroup_R, meta.regroup_R)
-        y_SD = all_to_all_single_autograd(
-            y_src_RD, meta.send_splits, meta.recv_splits, group=self.ep_group
-        )
-        num_pairs = meta.pos_P.shape[0]
-        if y_SD.shape[0] < num_pairs:
-            # Dropped pairs were not sent; their rows come back as zeros (masked anyway).
-            y_SD = torch.cat([y_SD, y_SD.new_zeros(num_pairs - y_SD.shape[0], y_SD.shape[1])])
+        assert meta.send_SL is not None and meta.recv_SL is not None
+        # Back in this rank's expert-sorted order: the kept pairs' rows (dropped pairs were
+        # not sent; the combine never reads their rows).
+        if self.exchange == "p2p":
+            group_name = self.ep_group.group_name
+            y_SD = ep_exchange(y_RD, meta.send_SL, meta.recv_SL, group_name, False)
+        else:
+            assert meta.regroup_R is not None and meta.ungroup_R is not None
+            y_src_RD = permute_rows(y_RD, meta.ungroup_R, meta.regroup_R)
+            y_SD = all_to_all_single_autograd(
+                y_src_RD,
+                _per_rank(meta.send_SL, self.ep),
+                _per_rank(meta.recv_SL, self.ep),
+                group=self.ep_group,
+            )
         return weighted_combine(y_SD, meta, out_dtype)
 
     def sum_over_batch(self, t: Tensor) -> Tensor:
         if self.batch_group is None:
             return t.detach().clone()
         return funcol.all_reduce(t.detach(), "sum", group=self.batch_group).wait()
+
+
+def _per_rank(counts_SL: list[int], ep: int) -> list[int]:
+    """Rows per rank from the flattened [ep * L] chunk sizes."""
+    L = len(counts_SL) // ep
+    return [sum(counts_SL[p * L : (p + 1) * L]) for p in range(ep)]

@@ -167,6 +167,7 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
         compile=cfg.train.compile,
         param_dtype=torch.bfloat16 if fsdp_bf16(cfg, mesh, device) else None,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
+        ep_exchange=cfg.parallel.ep_exchange,
     )
     materialize(model, device=device, seed=cfg.train.seed)
     if cfg.checkpoint.init_from:

@@ -54,6 +54,7 @@ def parallelize(
     compile: bool = False,
     param_dtype: torch.dtype | None = None,
     reshard_after_forward: str = "default",
+    ep_exchange: str = "auto",
 ) -> Transformer:
     """Applies EP, activation checkpointing, compile and FSDP in place, in that order.
 
@@ -64,11 +65,12 @@ def parallelize(
         compile: `train.compile`.
         param_dtype: FSDP's compute dtype for parameters (bf16 on GPU), None = as stored.
         reshard_after_forward: `parallel.reshard_after_forward`.
+        ep_exchange: `parallel.ep_exchange`.
 
     Raises:
         ConfigError: an activation-checkpoint mode that does not exist.
     """
-    apply_ep(model, mesh)
+    apply_ep(model, mesh, exchange=ep_exchange)
     apply_activation_checkpoint(model, activation_checkpoint)
     if compile:
         apply_compile(model)
@@ -79,15 +81,18 @@ def parallelize(
     return model
 
 
-def apply_ep(model: Transformer, mesh: Mesh) -> None:
-    """Each MoE layer keeps its EP rank's experts and gets its dispatcher."""
+def apply_ep(model: Transformer, mesh: Mesh, *, exchange: str = "auto") -> None:
+    """Each MoE layer keeps its EP rank's experts and gets its dispatcher (`exchange`:
+    `parallel.ep_exchange`)."""
     world = mesh.group("world") if mesh.world_size > 1 else None
     for moe in model.moe_layers():
         E = moe.cfg.num_experts
         if mesh.ep > 1:
             ep_group = mesh.group("ep")
             assert ep_group is not None, "EP > 1 needs an initialized process group"
-            dispatcher = AllToAllDispatcher(E, ep_group=ep_group, batch_group=world)
+            dispatcher = AllToAllDispatcher(
+                E, ep_group=ep_group, batch_group=world, exchange=exchange
+            )
             moe.experts.shard(
                 expert_offset=dispatcher.expert_offset, num_local=dispatcher.num_local_experts
             )
@@ -131,6 +136,8 @@ def _save_ops() -> set[Any]:
     autograd_ops = getattr(torch.ops, "_c10d_functional_autograd", None)
     if autograd_ops is not None and hasattr(autograd_ops, "all_to_all_single"):
         ops.add(autograd_ops.all_to_all_single.default)
+    # The dispatcher's point-to-point row exchange (registered by trainer/dispatch.py).
+    ops.add(torch.ops.moeyard.ep_exchange.default)
     # Collectives that write into their argument: a recompute must not repeat them either.
     c10d = torch.ops.c10d
     for name in ("alltoall_base_", "allreduce_", "allgather_", "broadcast_"):
