@@ -112,7 +112,7 @@ def test_launch_matches_torchrun_and_keeps_ep_groups_on_nodes(ray_cluster, tmp_p
 
 def test_killed_worker_restarts_and_resumes_from_checkpoint(ray_cluster, tmp_path):
     out = tmp_path / "run"
-    steps = 30
+    steps = 16
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -59,7 +59,7 @@ def test_soak_rejects_bad_arguments(tmp_path, capsys) -> None:
     assert "train.lr" in capsys.readouterr().err
 
 
-RAY_STEPS = 30
+RAY_STEPS = 18
 RAY_MB = 4  # the tiny preset's micro_batch_size
 
 

@@ -118,7 +118,6 @@ def _ep_rank(rank: int, world: int, ep: int, kw: dict, exchange: str = "auto"):
         (2, 1, "auto"),
         (4, 4, "p2p"),
         (4, 2, "p2p"),
-        (4, 2, "all_to_all"),
     ],
 )
 def test_ep_layer_matches_single_process_reference(world, ep, exchange):
@@ -292,7 +291,7 @@ def _exchange_rank(rank: int, world: int, ep: int):
     }
 
 
-@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2), (4, 4)])
+@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2)])
 def test_ep_exchange_places_rows_by_local_expert_and_back(world, ep):
     for r in run_ranks(_exchange_rank, world, ep):
         assert r["got"] == r["want"]
@@ -302,17 +301,16 @@ def test_ep_exchange_places_rows_by_local_expert_and_back(world, ep):
 def _count_exchanges_rank(rank: int, world: int, mode: str) -> int:
     from torch.utils.checkpoint import checkpoint
 
-    import trainer.dispatch as dispatch
     from trainer.parallelize import _selective_context
 
     calls = []
-    inner = dispatch._exchange
+    inner = dist.batch_isend_irecv
 
-    def counting(*args, **kwargs):
-        calls.append(args[-1])
-        return inner(*args, **kwargs)
+    def counting(ops):
+        calls.append(len(ops))
+        return inner(ops)
 
-    dispatch._exchange = counting  # this spawned process only
+    dist.batch_isend_irecv = counting  # this spawned process only
     w, x, _ = _weights_and_data(world)
     moe = _layer(w, rank * 4, 4)
     group = dist.group.WORLD

@@ -22,7 +22,10 @@ Between ranks (`parallel.ep_exchange`):
 - `p2p` sends every (rank, local expert) chunk of rows straight to its place: the receiver
   gets them already grouped by local expert, the grouped GEMM's order, and the outputs go
   back into the sender's expert-sorted order. No regroup copy on either side; ep x L
-  point-to-point messages per direction (`ep_exchange`, a custom op with its own backward).
+  point-to-point messages per direction. On the way in the gather and the send are one op
+  (`ep_dispatch`): the rows for other ranks are gathered and sent, then this rank's own
+  rows are gathered straight into place while the messages travel. The way back is
+  `ep_exchange`. Both are custom ops with their own backward.
 - `all_to_all` moves each rank's rows with one `all_to_all_single` per direction, then
   regroups the received rows by local expert and back (two more row copies). One collective
   per direction, the usual shape on NCCL, where a copy at HBM speed costs a fraction of the
@@ -434,6 +437,90 @@ def _ep_exchange_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 
 ep_exchange.register_autograd(_ep_exchange_backward, setup_context=_ep_exchange_setup)
 
+
+@torch.library.custom_op("moeyard::ep_dispatch", mutates_args=())
+def ep_dispatch(
+    x_TD: Tensor,
+    token_S: Tensor,
+    pos_TK: Tensor,
+    keep_TK: Tensor | None,
+    send_SL: list[int],
+    recv_SL: list[int],
+    group_name: str,
+) -> Tensor:
+    """The gather into expert order and `ep_exchange(..., to_experts=True)` in one op.
+
+    token_S: the token of each kept row in this rank's expert-sorted order [num_kept]. The
+    rows for other ranks are gathered into one send buffer and sent; this rank's own rows are
+    then gathered straight into their place in the output while the messages travel (no copy
+    of them through a send buffer). pos_TK (dropped pairs pointed at row 0) and keep_TK are
+    for the backward: the way back, then one fused gather-sum per token, dropped pairs
+    weighted 0.
+    """
+    group = dist.distributed_c10d._resolve_process_group(group_name)  # type: ignore[arg-type]
+    ep, me = dist.get_world_size(group), dist.get_rank(group)
+    L = len(send_SL) // ep
+    x_TD = x_TD.contiguous()
+    in_starts = _chunk_starts(send_SL, ep, L, expert_major=False)
+    out_starts = _chunk_starts(recv_SL, ep, L, expert_major=True)
+    own_a = in_starts[me * L]
+    own_b = own_a + sum(send_SL[me * L : (me + 1) * L])
+    # Rows for the other ranks, in send order (the own block cut out).
+    send_ND = x_TD.index_select(0, torch.cat([token_S[:own_a], token_S[own_b:]]))
+    out_RD = x_TD.new_empty(sum(recv_SL), x_TD.shape[1])
+    ops = []
+    for p in range(ep):
+        if p == me:
+            continue
+        peer = dist.get_global_rank(group, p)
+        shift = 0 if p < me else own_b - own_a
+        for j in range(L):
+            c = p * L + j
+            if send_SL[c]:
+                a = in_starts[c] - shift
+                ops.append(dist.P2POp(dist.isend, send_ND[a : a + send_SL[c]], peer, group, tag=j))
+            if recv_SL[c]:
+                chunk = out_RD[out_starts[c] : out_starts[c] + recv_SL[c]]
+                ops.append(dist.P2POp(dist.irecv, chunk, peer, group, tag=j))
+    works = dist.batch_isend_irecv(ops) if ops else []
+    for j in range(L):
+        c = me * L + j
+        n, a, b = send_SL[c], in_starts[c], out_starts[c]
+        if n:
+            torch.index_select(x_TD, 0, token_S[a : a + n], out=out_RD[b : b + n])
+    for w in works:
+        w.wait()
+    return out_RD
+
+
+@ep_dispatch.register_fake
+def _(
+    x_TD: Tensor,
+    token_S: Tensor,
+    pos_TK: Tensor,
+    keep_TK: Tensor | None,
+    send_SL: list[int],
+    recv_SL: list[int],
+    group_name: str,
+) -> Tensor:
+    return x_TD.new_empty(sum(recv_SL), x_TD.shape[1])
+
+
+def _ep_dispatch_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    _, _, pos_TK, keep_TK, ctx.send_SL, ctx.recv_SL, ctx.group_name = inputs
+    ctx.save_for_backward(pos_TK, keep_TK)
+
+
+def _ep_dispatch_backward(ctx: Any, grad_RD: Tensor) -> tuple[Tensor | None, ...]:
+    pos_TK, keep_TK = ctx.saved_tensors
+    grad_SD = ep_exchange(grad_RD, ctx.send_SL, ctx.recv_SL, ctx.group_name, False)
+    keep_w = None if keep_TK is None else keep_TK.to(grad_SD.dtype)
+    grad_TD = F.embedding_bag(pos_TK, grad_SD, mode="sum", per_sample_weights=keep_w)
+    return grad_TD, None, None, None, None, None, None
+
+
+ep_dispatch.register_autograd(_ep_dispatch_backward, setup_context=_ep_dispatch_setup)
+
 EXCHANGES = ("auto", "p2p", "all_to_all")
 
 
@@ -480,17 +567,17 @@ class AllToAllDispatcher(TokenDispatcher):
         # activation checkpointing keeps their outputs, and a recompute reuses them instead
         # of issuing the collective again; an in-place one would leave its buffer unwritten.
         recv_pending = funcol.all_to_all_single(send_counts_SL, None, None, group=self.ep_group)
-        # The rows are gathered while the counts travel (the wait orders streams on NCCL; it
-        # is not a host sync).
-        rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
+        p2p = self.exchange == "p2p"
+        if not p2p:
+            # The rows are gathered while the counts travel (the wait orders streams on NCCL;
+            # it is not a host sync).
+            rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
         recv_counts_SL = funcol.wait_tensor(recv_pending)
         # The one device-to-host sync of the layer: both directions' chunk sizes in one copy.
         counts = torch.cat([send_counts_SL.reshape(-1), recv_counts_SL.reshape(-1)])
         host = counts.to("cpu", copy=True).tolist()
         send_SL, recv_SL = host[: ep * L], host[ep * L :]
         num_kept = sum(send_SL)
-        # Kept rows are a prefix of the sorted buffer: the view costs no copy.
-        send_SD = rows_SD if num_kept == rows_SD.shape[0] else rows_SD[:num_kept]
         meta = DispatchMeta(
             order_S=order_S,
             pos_P=pos_P,
@@ -500,9 +587,18 @@ class AllToAllDispatcher(TokenDispatcher):
             recv_SL=recv_SL,
         )
         counts_L = recv_counts_SL.sum(0)
-        if self.exchange == "p2p":
+        if p2p:
+            # Gathered and sent in one op: the kept rows (a prefix of the sorted order) are
+            # all that travels, and this rank's own rows go straight into place.
+            K = ids_TK.shape[1]
+            token_S = order_S[:num_kept] // K
+            pos_TK = _safe_pos(pos_P, keep_P).view(-1, K)
+            keep_TK = None if keep_P is None else keep_P.view(-1, K)
             group_name = self.ep_group.group_name
-            return ep_exchange(send_SD, send_SL, recv_SL, group_name, True), counts_L, meta
+            x_RD = ep_dispatch(x_TD, token_S, pos_TK, keep_TK, send_SL, recv_SL, group_name)
+            return x_RD, counts_L, meta
+        # Kept rows are a prefix of the sorted buffer: the view costs no copy.
+        send_SD = rows_SD if num_kept == rows_SD.shape[0] else rows_SD[:num_kept]
         send_splits, recv_splits = _per_rank(send_SL, ep), _per_rank(recv_SL, ep)
         x_recv_RD = all_to_all_single_autograd(
             send_SD, recv_splits, send_splits, group=self.ep_group

@@ -136,8 +136,9 @@ def _save_ops() -> set[Any]:
     autograd_ops = getattr(torch.ops, "_c10d_functional_autograd", None)
     if autograd_ops is not None and hasattr(autograd_ops, "all_to_all_single"):
         ops.add(autograd_ops.all_to_all_single.default)
-    # The dispatcher's point-to-point row exchange (registered by trainer/dispatch.py).
+    # The dispatcher's point-to-point row exchanges (registered by trainer/dispatch.py).
     ops.add(torch.ops.moeyard.ep_exchange.default)
+    ops.add(torch.ops.moeyard.ep_dispatch.default)
     # Collectives that write into their argument: a recompute must not repeat them either.
     c10d = torch.ops.c10d
     for name in ("alltoall_base_", "allreduce_", "allgather_", "broadcast_"):
