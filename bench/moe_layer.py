@@ -2,7 +2,7 @@
 
 Mode `layer` (default), fp32 on CPU, at each of `--threads` (default 1 and 2): forward+backward
 of
-  - the MoE layer (router, sort, one gather in, grouped GEMM, K gathers out into an fp32 sum),
+  - the MoE layer (router, sort, one gather in, grouped GEMM, one weighted gather-sum out),
   - a dense SwiGLU with the same active size (hidden = top_k x expert hidden) on the same
     tokens: the reference that does the same matmul FLOPs with no routing,
   - torchtitan's algorithm (re-implemented here from its description, on the same router and
@@ -15,10 +15,12 @@ is the growth of the process's resident high-water mark (Linux VmHWM, reset befo
 during one forward+backward, each variant in its own subprocess.
 
 Mode `a2a`: EP=2 over two gloo processes. The achieved all-to-all bandwidth of the
-dispatcher's exchange (the autograd-aware functional `all_to_all_single` it calls, there and
-back) against raw `dist.all_to_all_single` calls moving the same bytes with the same splits;
-and the whole dispatch+combine (sort, gather, count exchange, the one host copy of the split
-sizes, regroup, weighted combine) expressed as the same bytes over its time.
+dispatcher's functional all-to-all (what the `all_to_all` exchange calls, there and back)
+against raw `dist.all_to_all_single` calls moving the same bytes with the same splits; and
+the whole dispatch+combine (sort, gather, count exchange, the one host copy of the chunk
+sizes, the row exchange both ways, weighted combine) with each `parallel.ep_exchange`
+(`p2p` and `all_to_all`), expressed as the same bytes over its time. Printed as medians, and
+as the median of the per-repeat ratios (each repeat against its own raw exchange).
 
     python bench/moe_layer.py            # both modes, 1 and 2 threads
     python bench/moe_layer.py --mode layer --threads 2 --repeats 9
