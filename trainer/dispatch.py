@@ -364,18 +364,27 @@ def _chunk_starts(counts_SL: list[int], ep: int, L: int, *, expert_major: bool) 
     return starts
 
 
-def _exchange(
-    x_ND: Tensor, send_SL: list[int], recv_SL: list[int], group_name: str, to_experts: bool
-) -> Tensor:
+def _ep_group(group_name: str, counts_SL: list[int]) -> tuple[dist.ProcessGroup, int, int, int]:
+    """(group, ep, this rank in it, local experts per rank) for chunk sizes [ep * L]."""
     group = dist.distributed_c10d._resolve_process_group(group_name)  # type: ignore[arg-type]
+    ep = dist.get_world_size(group)
+    return group, ep, dist.get_rank(group), len(counts_SL) // ep
+
+
+def _post_chunks(
+    group: dist.ProcessGroup,
+    send_ND: Tensor,
+    send_starts: list[int],
+    send_counts: list[int],
+    out_ND: Tensor,
+    out_starts: list[int],
+    out_counts: list[int],
+) -> list[Any]:
+    """Posts the chunk (p, j) of send_ND to rank p and the chunk (p, j) of out_ND from rank p,
+    for every other rank p of `group` and local expert j (tag j; empty chunks skipped, which
+    both sides agree on). Returns the works to wait for."""
     ep, me = dist.get_world_size(group), dist.get_rank(group)
-    L = len(send_SL) // ep
-    # to_experts: send rank-major chunks of send_SL, receive expert-major chunks of recv_SL.
-    # Back: send expert-major chunks of recv_SL, receive rank-major chunks of send_SL.
-    out_counts, in_counts = (recv_SL, send_SL) if to_experts else (send_SL, recv_SL)
-    in_starts = _chunk_starts(in_counts, ep, L, expert_major=not to_experts)
-    out_starts = _chunk_starts(out_counts, ep, L, expert_major=to_experts)
-    out_ND = x_ND.new_empty(sum(out_counts), x_ND.shape[1])
+    L = len(send_counts) // ep
     ops = []
     for p in range(ep):
         if p == me:
@@ -383,13 +392,26 @@ def _exchange(
         peer = dist.get_global_rank(group, p)
         for j in range(L):
             c = p * L + j
-            if in_counts[c]:
-                chunk = x_ND[in_starts[c] : in_starts[c] + in_counts[c]]
+            if send_counts[c]:
+                chunk = send_ND[send_starts[c] : send_starts[c] + send_counts[c]]
                 ops.append(dist.P2POp(dist.isend, chunk, peer, group, tag=j))
             if out_counts[c]:
                 chunk = out_ND[out_starts[c] : out_starts[c] + out_counts[c]]
                 ops.append(dist.P2POp(dist.irecv, chunk, peer, group, tag=j))
-    works = dist.batch_isend_irecv(ops) if ops else []
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _exchange(
+    x_ND: Tensor, send_SL: list[int], recv_SL: list[int], group_name: str, to_experts: bool
+) -> Tensor:
+    group, ep, me, L = _ep_group(group_name, send_SL)
+    # to_experts: send rank-major chunks of send_SL, receive expert-major chunks of recv_SL.
+    # Back: send expert-major chunks of recv_SL, receive rank-major chunks of send_SL.
+    out_counts, in_counts = (recv_SL, send_SL) if to_experts else (send_SL, recv_SL)
+    in_starts = _chunk_starts(in_counts, ep, L, expert_major=not to_experts)
+    out_starts = _chunk_starts(out_counts, ep, L, expert_major=to_experts)
+    out_ND = x_ND.new_empty(sum(out_counts), x_ND.shape[1])
+    works = _post_chunks(group, x_ND, in_starts, in_counts, out_ND, out_starts, out_counts)
     # This rank's own chunks move while the messages travel.
     for j in range(L):
         c = me * L + j
@@ -457,32 +479,19 @@ def ep_dispatch(
     for the backward: the way back, then one fused gather-sum per token, dropped pairs
     weighted 0.
     """
-    group = dist.distributed_c10d._resolve_process_group(group_name)  # type: ignore[arg-type]
-    ep, me = dist.get_world_size(group), dist.get_rank(group)
-    L = len(send_SL) // ep
+    group, ep, me, L = _ep_group(group_name, send_SL)
     x_TD = x_TD.contiguous()
     in_starts = _chunk_starts(send_SL, ep, L, expert_major=False)
     out_starts = _chunk_starts(recv_SL, ep, L, expert_major=True)
     own_a = in_starts[me * L]
     own_b = own_a + sum(send_SL[me * L : (me + 1) * L])
-    # Rows for the other ranks, in send order (the own block cut out).
+    # Rows for the other ranks, in send order with the own block cut out (chunks after it
+    # start own_b - own_a rows earlier).
     send_ND = x_TD.index_select(0, torch.cat([token_S[:own_a], token_S[own_b:]]))
+    send_starts = [a - (own_b - own_a if a >= own_b else 0) for a in in_starts]
     out_RD = x_TD.new_empty(sum(recv_SL), x_TD.shape[1])
-    ops = []
-    for p in range(ep):
-        if p == me:
-            continue
-        peer = dist.get_global_rank(group, p)
-        shift = 0 if p < me else own_b - own_a
-        for j in range(L):
-            c = p * L + j
-            if send_SL[c]:
-                a = in_starts[c] - shift
-                ops.append(dist.P2POp(dist.isend, send_ND[a : a + send_SL[c]], peer, group, tag=j))
-            if recv_SL[c]:
-                chunk = out_RD[out_starts[c] : out_starts[c] + recv_SL[c]]
-                ops.append(dist.P2POp(dist.irecv, chunk, peer, group, tag=j))
-    works = dist.batch_isend_irecv(ops) if ops else []
+    works = _post_chunks(group, send_ND, send_starts, send_SL, out_RD, out_starts, recv_SL)
+    # This rank's own rows are gathered straight into place while the messages travel.
     for j in range(L):
         c = me * L + j
         n, a, b = send_SL[c], in_starts[c], out_starts[c]
