@@ -137,16 +137,18 @@ def main() -> None:
         record = read_metrics(f"{tmp}/ref/metrics.jsonl")[-1]
         step = record.pop("step")
 
-        tb = TensorBoardSink(f"{tmp}/tb", start_step=0, config_text="bench: true\n")
+        tb = TensorBoardSink(f"{tmp}/tb", config_text="bench: true\n")
         counter = iter(range(step, 10**9))
         t_tb = timed(lambda: tb.log(record, next(counter)), args.reps)
-        event_bytes = tb._size / (args.reps + 3)  # the file also holds 3 header events
+        event_bytes = tb._size / (
+            args.reps + 3
+        )  # the file also holds a header, a purge marker, the config
         tb.close()
         event = b"x" * int(event_bytes)
         t_crc = timed(lambda: (masked_crc32c(event[:8]), masked_crc32c(event)), 50)
 
         ops = OpsConfig(wandb=True, wandb_mode="offline", wandb_dir=f"{tmp}/wandb")
-        wb = WandbSink(ops, output_dir=f"{tmp}/wb", run_name="bench", config={}, start_step=0)
+        wb = WandbSink(ops, output_dir=f"{tmp}/wb", run_name="bench", config={})
         wb.image_every = 0  # images are timed apart
         counter = iter(range(step, 10**9))
         t_wb = timed(lambda: wb.log(record, next(counter)), args.reps)

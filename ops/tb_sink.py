@@ -15,12 +15,13 @@ framing; the sink frames them itself with a compiled CRC32C (google-crc32c): Ten
 own writer computes the checksums in pure Python, which costs more than the whole step
 budget of a small model (bench/README.md).
 
-A restart or resume never leaves a step twice: on start the sink rewrites the event files
-of earlier attempts without the events after the step it resumes from (and without that
-step's config text, which it writes again), and it begins its own file with TensorBoard's
-purge marker (a `SessionLog.START` event at the first step it will log) so that a
-TensorBoard already showing the stale steps drops them too. A loss-guard rollback within
-the run (a step logged again) does the same from the step it goes back to.
+A restart or resume never leaves a step twice: at the first step an attempt logs (a resumed
+run logs the steps after its checkpoint), the sink rewrites the event files of earlier
+attempts without their events from that step on, and begins its own file with TensorBoard's
+purge marker (a `SessionLog.START` event at that step) so that a TensorBoard already showing
+the stale steps drops them too. A loss-guard rollback within the run (a step logged again)
+does the same from the step it goes back to. The sink needs no word from the loop about
+where the run resumed, so a launcher may build it before the run starts.
 
 A local output dir is written in place, each event flushed as it is logged. An object
 store cannot append: the sink writes to a local staging folder and uploads the current file
@@ -82,9 +83,8 @@ class TensorBoardSink:
 
     Args:
         url: the folder for the event files (any fsspec URL).
-        start_step: the step this attempt resumes from (0 for a fresh run); it logs the
-            steps after it.
-        config_text: the resolved config (YAML), written as the `config` text summary.
+        config_text: the resolved config (YAML), written as the `config` text summary at the
+            first step each attempt logs.
         flush_every_s: at most this long between uploads to a remote URL.
         roll_bytes: a new event file once the current one holds this many bytes (remote).
 
@@ -96,7 +96,6 @@ class TensorBoardSink:
         self,
         url: str,
         *,
-        start_step: int,
         config_text: str,
         flush_every_s: float = 10.0,
         roll_bytes: int = 16 << 20,
@@ -120,17 +119,15 @@ class TensorBoardSink:
         self.local = is_local(self.fs)
         self.flush_every_s = flush_every_s
         self.roll_bytes = roll_bytes
-        self.dropped = self.drop_after(start_step)
+        self.dropped = 0  # events of earlier attempts (or before a rollback) dropped
         # Where this attempt's files are written: in place, or staged for upload.
         self.dir = self.root if self.local else tempfile.mkdtemp(prefix="moeyard-tensorboard-")
-        os.makedirs(self.dir, exist_ok=True)
         self._files: list[str] = []
         self._fh: Any = None
         self._size = 0
         self._last_upload = time.monotonic()
-        self._last_step = start_step
-        self._open(purge_from=start_step + 1)
-        config = summary_pb2.Summary.Value(
+        self._last_step: int | None = None
+        self._config = summary_pb2.Summary.Value(
             tag=CONFIG_TAG,
             metadata=text_metadata.create_summary_metadata(
                 display_name="config", description="The run's resolved config (config.yaml)"
@@ -141,25 +138,10 @@ class TensorBoardSink:
                 string_val=[f"```yaml\n{config_text}```".encode()],
             ),
         )
-        self._write(
-            event_pb2.Event(
-                wall_time=time.time(), step=start_step, summary=summary_pb2.Summary(value=[config])
-            )
-        )
 
-    def _stale(self, event: Any, after: int) -> bool:
-        if event.step > after:
-            return True
-        return (
-            event.step == after
-            and event.HasField("summary")
-            and any(v.tag == CONFIG_TAG for v in event.summary.value)
-        )
-
-    def drop_after(self, step: int) -> int:
-        """Rewrites the event files under the URL without the events after `step` (and the
-        config text at `step`); removes a file left with no summary. Returns how many
-        events it dropped."""
+    def drop_from(self, step: int) -> int:
+        """Rewrites the event files under the URL without the events at or after `step`;
+        removes a file left with no summary. Returns how many events it dropped."""
         try:
             names = [p for p in self.fs.ls(self.root, detail=False) if EVENTS_MARK in p]
         except FileNotFoundError:
@@ -172,7 +154,7 @@ class TensorBoardSink:
             summaries = 0
             for rec in records:
                 event = self._pb.Event.FromString(rec[12:-4])
-                if self._stale(event, step):
+                if event.step >= step:
                     dropped += 1
                     continue
                 kept.append(rec)
@@ -185,7 +167,33 @@ class TensorBoardSink:
                 self.fs.rm(path)
         return dropped
 
-    def _open(self, *, purge_from: int | None = None) -> None:
+    def _begin(self, step: int) -> None:
+        """Starts writing at `step`, the first step of an attempt or after a rollback: what
+        earlier files hold from `step` on goes, and a new file starts with TensorBoard's
+        purge marker and the config."""
+        self._close_file()
+        if not self.local and self._files:
+            self._upload(self._files[-1:])
+        self.dropped += self.drop_from(step)
+        os.makedirs(self.dir, exist_ok=True)
+        now = time.time()
+        self._open()
+        # TensorBoard drops every event it holds at or after this step (a reader that loaded
+        # an earlier attempt's steps before they were rewritten).
+        self._write(
+            self._pb.Event(
+                wall_time=now,
+                step=step,
+                session_log=self._pb.SessionLog(status=self._pb.SessionLog.START),
+            )
+        )
+        self._write(
+            self._pb.Event(
+                wall_time=now, step=step, summary=self._summary.Summary(value=[self._config])
+            )
+        )
+
+    def _open(self) -> None:
         now = time.time()
         name = (
             f"events.out.{EVENTS_MARK}.{int(now):010d}.{int(now % 1 * 1e6):06d}."
@@ -196,16 +204,6 @@ class TensorBoardSink:
         self._files.append(path)
         self._size = 0
         self._write(self._pb.Event(wall_time=now, file_version="brain.Event:2"))
-        if purge_from is not None:
-            # TensorBoard drops every event it holds at or after this step (a reader that
-            # loaded an earlier attempt's steps before they were rewritten).
-            self._write(
-                self._pb.Event(
-                    wall_time=now,
-                    step=purge_from,
-                    session_log=self._pb.SessionLog(status=self._pb.SessionLog.START),
-                )
-            )
 
     def _write(self, event: Any) -> None:
         data = frame(event.SerializeToString(), self._crc32c)
@@ -233,10 +231,10 @@ class TensorBoardSink:
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if step <= self._last_step:
-            # A rollback: the steps from here on are trained again, so their earlier
-            # events go, as on a resume.
-            self._restart_from(step - 1)
+        if self._last_step is None or step <= self._last_step:
+            # The attempt's first step (a resumed run logs the steps after its checkpoint),
+            # or a rollback's: what an earlier attempt wrote from here on is trained again.
+            self._begin(step)
         self._last_step = step
         Value = self._summary.Summary.Value
         values = [Value(tag=t, simple_value=v) for t, v in scalars(metrics).items()]
@@ -261,13 +259,6 @@ class TensorBoardSink:
         elif time.monotonic() - self._last_upload >= self.flush_every_s:
             self._upload(self._files[-1:])
 
-    def _restart_from(self, step: int) -> None:
-        self._close_file()
-        if not self.local:
-            self._upload(self._files[-1:])
-        self.dropped += self.drop_after(step)
-        self._open(purge_from=step + 1)
-
     def _close_file(self) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -277,6 +268,7 @@ class TensorBoardSink:
         self._close_file()
         if not self.local:
             try:
-                self._upload(self._files[-1:])
+                if self._files:
+                    self._upload(self._files[-1:])
             finally:
                 shutil.rmtree(self.dir, ignore_errors=True)

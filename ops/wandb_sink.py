@@ -97,7 +97,6 @@ class WandbSink:
         output_dir: run.output_dir (the run id is kept there).
         run_name: run.name, the W&B run's display name.
         config: the resolved config as a dict, the run config.
-        start_step: the step this attempt resumes from (0 for a fresh run).
 
     Raises:
         OpsConfigError: wandb is not installed, or `ops.wandb_mode` is online without
@@ -111,7 +110,6 @@ class WandbSink:
         output_dir: str,
         run_name: str,
         config: dict[str, Any],
-        start_step: int,
     ) -> None:
         wandb = import_tracker("wandb", key="ops.wandb", package="wandb")
         if cfg.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
@@ -140,9 +138,9 @@ class WandbSink:
             # moeyard's own output goes to stdout and the job logs; W&B gets the metrics.
             settings=wandb.Settings(console="off"),
         )
-        # The first step W&B takes: after the checkpoint, and (online) after what the run
-        # already holds.
-        self.next_step = max(start_step + 1, int(self.run.step))
+        # The first step W&B takes: online, the one after what the run already holds (0 for
+        # a new run, and offline).
+        self.next_step = int(self.run.step)
         self.image_every = cfg.wandb_image_every
         self.skipped: list[int] = []
         self._logged = 0
@@ -153,7 +151,7 @@ class WandbSink:
         print(
             f"W&B run {self.id} ({cfg.wandb_mode}, project {cfg.wandb_project}): its files are "
             f"in {os.path.dirname(self.run.dir)}"
-            + (f"; steps before {self.next_step} are in W&B already" if start_step else ""),
+            + (f"; it holds the steps before {self.next_step}" if self.next_step else ""),
             flush=True,
         )
 

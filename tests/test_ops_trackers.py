@@ -146,7 +146,7 @@ def check_tensorboard(tb_dir: Path, records: dict[int, dict[str, Any]], config: 
             assert h.histogram_value.num == sum(tokens)
             assert list(h.histogram_value.bucket_limit) == [e + 0.5 for e in range(len(tokens))]
     texts = acc.Tensors(CONFIG_TAG)
-    assert [t.step for t in texts] == [0, CKPT]
+    assert [t.step for t in texts] == [1, CKPT + 1]  # the first step of each attempt
     for t in texts:
         assert t.tensor_proto.string_val[0].decode() == f"```yaml\n{config}```"
     # The raw files too: every (tag, step) once, nothing left for a purge to hide.
@@ -213,7 +213,8 @@ def history(records: list[Any]) -> dict[int, dict[str, Any]]:
 def tracked_run(tmp_path_factory) -> tuple[Path, JobConfig]:
     """A run with both trackers on (W&B offline), stopped after step CRASH and resumed from
     the checkpoint at CKPT. The TensorBoard files as the stopped attempt left them are kept
-    in `tensorboard-stopped/`."""
+    in `tensorboard-stopped/`. The resumed attempt's sinks are made before the run starts,
+    as the Ray launcher makes them: they learn where the run resumed from its steps."""
     out = tmp_path_factory.mktemp("tracked")
     cfg = tiny(
         str(out),
@@ -227,7 +228,7 @@ def tracked_run(tmp_path_factory) -> tuple[Path, JobConfig]:
         run(cfg, sinks=[*make_sinks(cfg, 0), CrashAt(CRASH)])
     fs = fsspec.filesystem("file")
     fs.copy(str(out / "tensorboard"), str(out / "tensorboard-stopped"), recursive=True)
-    summary = run(cfg)
+    summary = run(cfg, sinks=make_sinks(cfg, 0))
     assert summary.steps == STEPS and summary.resumes == 1
     return out, cfg
 
@@ -299,20 +300,22 @@ def test_scalar_tags_name_each_rank_layer_and_dataset() -> None:
 
 def test_a_killed_writers_cut_record_and_a_rollback_leave_each_step_once(tmp_path) -> None:
     tb = tmp_path / "tb"
-    first = TensorBoardSink(str(tb), start_step=0, config_text="a: 1\n")
+    first = TensorBoardSink(str(tb), config_text="a: 1\n")
     for step in range(1, 6):
         first.log(_record(step, [step, 10]), step)
     # Killed mid-write: no close, and half a record at the end of its file.
     (events,) = (p for p in tb.iterdir() if "tfevents" in p.name)
     with events.open("ab") as f:
         f.write(struct.pack("<Q", 500) + b"\x00" * 30)
-    second = TensorBoardSink(str(tb), start_step=3, config_text="a: 2\n")
-    assert second.dropped == 2  # steps 4 and 5
+    # Resumed from the checkpoint at step 3.
+    second = TensorBoardSink(str(tb), config_text="a: 2\n")
     for step in range(4, 8):
         second.log(_record(step, [step, 20]), step)
+    assert second.dropped == 2  # the first attempt's steps 4 and 5
     # A loss-guard rollback to step 5's checkpoint: 6 and 7 are trained and logged again.
     for step in range(6, 9):
         second.log(_record(step, [step, 30]), step)
+    assert second.dropped == 4  # and this attempt's 6 and 7
     second.close()
     acc = accumulator(tb)
     assert [(e.step, e.value) for e in acc.Scalars("devices/rank1/power_w")] == [
@@ -321,26 +324,19 @@ def test_a_killed_writers_cut_record_and_a_rollback_leave_each_step_once(tmp_pat
     loads = {
         h.step: list(h.histogram_value.bucket) for h in acc.Histograms("moe/layer0/expert_load")
     }
-    assert loads == {
-        1: [1, 10],
-        2: [2, 10],
-        3: [3, 10],
-        4: [4, 20],
-        5: [5, 20],
-        6: [6, 30],
-        7: [7, 30],
-        8: [8, 30],
-    }
-    assert [t.step for t in acc.Tensors(CONFIG_TAG)] == [0, 3]
-    steps = [ev.step for ev in raw_events(tb) if ev.HasField("summary")]
-    assert sorted(steps) == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8]  # config at 0 and 3, each step once
+    assert loads == {s: [s, 10 if s < 4 else 20 if s < 6 else 30] for s in range(1, 9)}
+    assert [t.step for t in acc.Tensors(CONFIG_TAG)] == [1, 4, 6]
+    seen: dict[tuple[str, int], int] = {}
+    for ev in raw_events(tb):
+        for v in ev.summary.value:
+            seen[(v.tag, ev.step)] = seen.get((v.tag, ev.step), 0) + 1
+    assert sorted(step for tag, step in seen if tag == "train/loss") == list(range(1, 9))
+    assert set(seen.values()) == {1}, [k for k, n in seen.items() if n > 1]
 
 
 def test_a_remote_dir_gets_rolled_files_and_the_last_events_at_close(s3_bucket, tmp_path) -> None:
     url = f"{s3_bucket}/tb"
-    sink = TensorBoardSink(
-        url, start_step=0, config_text="a: 1\n", flush_every_s=0.0, roll_bytes=600
-    )
+    sink = TensorBoardSink(url, config_text="a: 1\n", flush_every_s=0.0, roll_bytes=600)
     for step in range(1, 11):
         sink.log(_record(step, [step, 1]), step)
     sink.close()

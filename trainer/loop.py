@@ -420,17 +420,12 @@ def roll_back(state: RunState, ckpt: Checkpointer, why: TrainingDiverged, *, cou
 
 
 def make_sinks(
-    cfg: JobConfig,
-    rank: int,
-    *,
-    local_rank: int = 0,
-    gpu_uuid: str | None = None,
-    start_step: int = 0,
+    cfg: JobConfig, rank: int, *, local_rank: int = 0, gpu_uuid: str | None = None
 ) -> list[MetricSink]:
     """stdout and metrics.jsonl on rank 0; Prometheus (if `ops.prometheus` is on) on every
     rank, each exporting its own GPU's series; TensorBoard and W&B (`ops.tensorboard`,
-    `ops.wandb`) on rank 0, which holds every rank's GPU samples. `start_step` is the step
-    the run resumed from: the trackers write the steps after it."""
+    `ops.wandb`) on rank 0, which holds every rank's GPU samples (a resumed run's trackers
+    go on from the first step it logs)."""
     sinks: list[MetricSink] = []
     prom = build_prometheus_sink(
         cfg.ops,
@@ -453,11 +448,7 @@ def make_sinks(
         if cfg.ops.tensorboard:
             from ops.tb_sink import TensorBoardSink  # imports tensorboard: only when asked for
 
-            sinks.append(
-                TensorBoardSink(
-                    f"{out}/tensorboard", start_step=start_step, config_text=to_yaml(cfg)
-                )
-            )
+            sinks.append(TensorBoardSink(f"{out}/tensorboard", config_text=to_yaml(cfg)))
         if cfg.ops.wandb:
             from ops.wandb_sink import WandbSink  # imports wandb: only when asked for
 
@@ -467,7 +458,6 @@ def make_sinks(
                     output_dir=out,
                     run_name=cfg.run.name,
                     config=yaml.safe_load(to_yaml(cfg)),
-                    start_step=start_step,
                 )
             )
     except BaseException:
@@ -549,9 +539,7 @@ def begin(
     gpu_uuid = device_identity(state.device)[0]
     telemetry = make_telemetry(state, local_rank=local_rank, gpu_uuid=gpu_uuid)
     if sinks is None:
-        sinks = make_sinks(
-            cfg, rank, local_rank=local_rank, gpu_uuid=gpu_uuid, start_step=state.step
-        )
+        sinks = make_sinks(cfg, rank, local_rank=local_rank, gpu_uuid=gpu_uuid)
     t = cfg.train
     session = Session(
         ckpt=ckpt,
