@@ -23,8 +23,12 @@ tensor; full: each block's input; selective: matmul, attention and all-to-all ou
 the routing decisions), counted per token from the layer shapes (`activation_parts`) with a
 fused attention kernel (no S x S scores) and balanced routing; the all-to-all receive
 buffers' headroom for routing imbalance (`ROUTING_HEADROOM`, EP > 1); the block rebuilt in
-backward under checkpointing with its gradient temporaries; and the loss's fp32 logits.
-The peak is the larger of the end of the forward and the backward. Checked against the
+backward under checkpointing with its gradient temporaries; the loss's fp32 logits; with
+train.grad_accum > 1 the gradients of the earlier micro-steps, held through the forward;
+and AdamW's step temporaries (foreach; none fused). The allocated peak is the largest of
+the end of the forward, the backward and the optimizer step; on a GPU the caching
+allocator reserves more (`ALLOCATOR_SLACK`, and FSDP's gathered units again on its own
+stream), and that reserved peak is what must fit. Checked against the
 measured peak of real CPU runs (tests/test_dryrun.py, bench/fsdp.py). The job is said not
 to fit when the peak exceeds `parallel.device_memory_gib`. `train.dtype` auto is sized as
 it runs on a GPU (bf16) unless `train.device` is cpu.
@@ -62,6 +66,13 @@ ROUTING_HEADROOM = 1.2
 # Gradient temporaries of a block rebuilt in backward, as a share of its activations
 # (measured on CPU: 0.3 to 0.5).
 RECOMPUTE_TEMP = 0.4
+# What the CUDA caching allocator reserves beyond the bytes allocated at the peak, with
+# expandable segments (set by the launchers, see `trainer.loop.configure_cuda_allocator`):
+# rounding and partly used segments (measured on an H200: 4-8% of the peak in one process),
+# and under FSDP the units gathered in flight once more, since the all-gathers' outputs are
+# allocated on FSDP's own stream, whose blocks the compute stream's allocations cannot reuse
+# (measured: 9.0 GiB over 60.4 allocated for two gathered 2.9 GiB Mixtral blocks).
+ALLOCATOR_SLACK = 0.05
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,12 @@ class RankMemory:
 
     params: int  # fp32 master weights of this rank's shard
     grads: int  # fp32 gradients of the shard (all of them at the end of backward)
+    # Gradients held through the forward: those of the earlier micro-steps of an
+    # accumulating step (train.grad_accum > 1), else 0.
+    grads_in_forward: int
     optimizer: int  # AdamW's two fp32 moments of the shard
-    gathered_forward: int  # FSDP units gathered at the end of the forward (the head)
+    optimizer_temp: int  # AdamW's step temporaries (foreach: a sqrt of the second moments)
+    gathered_forward: int  # FSDP units gathered at the end of the forward (last block, head)
     gathered_backward: int  # FSDP units gathered at once in backward (blocks, prefetch)
     weight_copies: int  # bf16 copies of matmul weights that autocast keeps (one process)
     activations: int  # the blocks' tensors saved for backward (train.activation_checkpoint)
@@ -79,12 +94,15 @@ class RankMemory:
     recompute: int  # one block rebuilt in backward (checkpointing) and its temporaries
     loss: int  # final norm, logits, the loss's fp32 log-softmax and temporaries
     num_blocks: int  # transformer blocks (the backward frees their activations one by one)
+    allocator_stream_pool: int  # FSDP's gathered units reserved again on its stream (GPU)
+    on_gpu: bool  # the allocator's slack is counted for a GPU only
 
     @property
     def forward_peak(self) -> int:
-        """End of the forward: everything saved, no gradient yet."""
+        """End of the forward: everything saved, the earlier micro-steps' gradients."""
         return (
             self.params
+            + self.grads_in_forward
             + self.optimizer
             + self.gathered_forward
             + self.weight_copies
@@ -97,7 +115,7 @@ class RankMemory:
     def backward_peak(self) -> int:
         """In backward, block by block: the gradients grow while the saved activations of
         the blocks done are freed; the block being rebuilt (checkpointing) sits on top. The
-        peak is at the first block reached (all activations, few gradients) or the last
+        peak is at the first block reached (all activations, few new gradients) or the last
         (all gradients, one block's activations)."""
         saved = self.activations + self.routing_headroom
         return (
@@ -106,19 +124,39 @@ class RankMemory:
             + self.gathered_backward
             + self.weight_copies
             + self.recompute
-            + max(saved, self.grads + saved // max(1, self.num_blocks))
+            + max(self.grads_in_forward + saved, self.grads + saved // max(1, self.num_blocks))
         )
 
     @property
+    def optimizer_peak(self) -> int:
+        """The optimizer step: weights, gradients, moments and the step's temporaries."""
+        return self.params + self.grads + self.optimizer + self.optimizer_temp
+
+    @property
+    def allocated(self) -> int:
+        """The most bytes allocated at once in a step."""
+        return max(self.forward_peak, self.backward_peak, self.optimizer_peak)
+
+    @property
+    def allocator(self) -> int:
+        """What the caching allocator reserves beyond `allocated` (GPU; see ALLOCATOR_SLACK)."""
+        if not self.on_gpu:
+            return 0
+        return int(ALLOCATOR_SLACK * self.allocated) + self.allocator_stream_pool
+
+    @property
     def total(self) -> int:
-        return max(self.forward_peak, self.backward_peak)
+        """The peak the device must hold: allocated plus the allocator's reserve."""
+        return self.allocated + self.allocator
 
     def lines(self) -> list[tuple[str, int]]:
         """(what, bytes) for the report, in the order of the budget."""
         return [
             ("parameters (fp32 shard)", self.params),
             ("gradients (fp32 shard)", self.grads),
+            ("gradients held through the forward (grad_accum)", self.grads_in_forward),
             ("optimizer (AdamW moments, fp32 shard)", self.optimizer),
+            ("optimizer step temporaries", self.optimizer_temp),
             ("FSDP units gathered, end of forward", self.gathered_forward),
             ("FSDP units gathered at once in backward", self.gathered_backward),
             ("bf16 weight copies (autocast)", self.weight_copies),
@@ -126,6 +164,7 @@ class RankMemory:
             (f"all-to-all imbalance headroom (x{ROUTING_HEADROOM:g})", self.routing_headroom),
             ("block rebuilt in backward", self.recompute),
             ("loss: logits and log-softmax", self.loss),
+            ("CUDA caching allocator reserve", self.allocator),
         ]
 
 
@@ -166,6 +205,7 @@ class SizingReport:
     mha_kv_cache_bytes_per_token: int
     placement: list[EPGroupPlacement]
     warnings: list[str]
+    compile: bool = False  # train.compile: the activation figure is an upper bound
 
     @property
     def device_memory_bytes(self) -> int:
@@ -219,8 +259,12 @@ class SizingReport:
                 **asdict(self.memory),
                 "forward_peak": self.memory.forward_peak,
                 "backward_peak": self.memory.backward_peak,
+                "optimizer_peak": self.memory.optimizer_peak,
+                "allocated": self.memory.allocated,
+                "allocator": self.memory.allocator,
                 "total": self.memory.total,
             },
+            "compile": self.compile,
             "dp_replicate": self.dp_replicate,
             "dp_shard": self.dp_shard,
             "activation_checkpoint": self.activation_checkpoint,
@@ -368,6 +412,8 @@ def memory_model(
     block_units: list[int],
     head_params: int,
     world_size: int,
+    fsdp: bool | None = None,
+    fused_optimizer: bool | None = None,
 ) -> RankMemory:
     """The per-rank budget of `cfg` at `world_size` ranks (see the module docstring).
 
@@ -378,12 +424,17 @@ def memory_model(
         block_units: parameters of each block's FSDP units as gathered (dense + this EP
             rank's experts), for the units gathered at once.
         head_params: the output head's (kept gathered from forward to backward).
+        fsdp: whether FSDP wraps the model; None = when there is more than one rank (one
+            rank in a process group, as a one-worker Ray job has, is FSDP too).
+        fused_optimizer: AdamW's fused kernel (no step temporaries); None = what
+            `trainer.loop.build_optimizer` picks (fused on a GPU).
     """
     t, m, p = cfg.train, cfg.model, cfg.parallel
     _, dp_shard = p.degrees(world_size)
     on_gpu = t.device != "cpu"
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and on_gpu)
-    fsdp = world_size > 1
+    fsdp = world_size > 1 if fsdp is None else fsdp
+    fused = on_gpu if fused_optimizer is None else fused_optimizer
     # Dense weights are sharded over dp_shard, this EP rank's experts over efsdp =
     # dp_shard / ep: either way a rank keeps about 1/dp_shard of the whole model.
     shard = params_rank
@@ -413,18 +464,28 @@ def memory_model(
     pbytes = 2 if bf16 else 4
     in_flight = 2 if on_gpu else 1  # the next unit is prefetched on a GPU's side stream
     largest = max(block_units, default=0)
+    # Blocks that stay gathered from their forward to their backward: the last one by
+    # default (its backward comes next), all with reshard_after_forward=never, none with
+    # always; the output head always stays.
+    kept = {"never": sum(block_units), "always": 0}.get(p.reshard_after_forward, largest)
+    gathered_backward = in_flight * largest * pbytes if fsdp else 0
+    grads = GRAD_BYTES * shard
     return RankMemory(
         params=PARAM_BYTES * shard,
-        grads=GRAD_BYTES * shard,
+        grads=grads,
+        grads_in_forward=grads if t.grad_accum > 1 else 0,
         optimizer=OPTIM_BYTES * shard,
-        gathered_forward=head_params * pbytes if fsdp else 0,
-        gathered_backward=in_flight * largest * pbytes if fsdp else 0,
+        optimizer_temp=0 if fused else PARAM_BYTES * shard,
+        gathered_forward=(head_params + kept) * pbytes if fsdp else 0,
+        gathered_backward=gathered_backward,
         weight_copies=2 * matmul_rank if (bf16 and not fsdp) else 0,
         activations=sum(saved) * tokens,
         routing_headroom=headroom * tokens,
         recompute=int(rebuilt * tokens * (1 + RECOMPUTE_TEMP)),
         loss=parts.loss * tokens,
         num_blocks=m.num_layers,
+        allocator_stream_pool=gathered_backward if on_gpu else 0,
+        on_gpu=on_gpu,
     )
 
 
@@ -444,9 +505,16 @@ def _meta_params_per_rank(cfg: ModelConfig, *, ep: int) -> tuple[int, int, list[
 
 
 def size_job(
-    cfg: JobConfig, *, world_size: int | None = None, gpus_per_node: int = 8
+    cfg: JobConfig,
+    *,
+    world_size: int | None = None,
+    gpus_per_node: int = 8,
+    fsdp: bool | None = None,
+    fused_optimizer: bool | None = None,
 ) -> SizingReport:
     """Sizes `cfg` for `world_size` ranks (default: parallel.world_size, else parallel.ep).
+
+    `fsdp` and `fused_optimizer` as `memory_model` takes them (None: as the loop decides).
 
     Raises:
         ConfigError: the world size is not a multiple of parallel.ep, or differs from
@@ -472,6 +540,8 @@ def size_job(
         block_units=block_units,
         head_params=m.vocab_size * m.dim,
         world_size=world,
+        fsdp=fsdp,
+        fused_optimizer=fused_optimizer,
     )
     state_bytes = PARAM_BYTES + GRAD_BYTES + OPTIM_BYTES
     fully_sharded = state_bytes * counts.total // world
@@ -528,6 +598,7 @@ def size_job(
         mha_kv_cache_bytes_per_token=mha_kv_cache_elements_per_token(m) * KV_CACHE_DTYPE_BYTES,
         placement=placement,
         warnings=warnings,
+        compile=t.compile,
     )
 
 
@@ -563,7 +634,9 @@ def format_report(r: SizingReport) -> str:
         *(f"  {what:<44} {_gib(n):>10}" for what, n in r.memory.lines()),
         f"  {'peak at the end of the forward':<44} {_gib(r.memory.forward_peak):>10}",
         f"  {'peak in the backward':<44} {_gib(r.memory.backward_peak):>10}",
-        f"  {'peak':<44} {_gib(r.memory.total):>10}",
+        f"  {'peak in the optimizer step':<44} {_gib(r.memory.optimizer_peak):>10}",
+        f"  {'peak allocated':<44} {_gib(r.memory.allocated):>10}",
+        f"  {'peak reserved (allocated + allocator)':<44} {_gib(r.memory.total):>10}",
         f"KV cache per token: {r.kv_cache_bytes_per_token:,} bytes "
         f"({r.kv_cache_elements_per_token:,} elements in bf16); multi-head attention with the "
         f"same heads and dims: {r.mha_kv_cache_bytes_per_token:,} bytes ({kv_red:.1%} less)",
@@ -583,6 +656,12 @@ def format_report(r: SizingReport) -> str:
         lines.append(
             f"device memory {r.device_memory_gib:g} GiB: {verdict} "
             f"({r.memory.total / r.device_memory_bytes:.0%} used)"
+        )
+    if r.compile:
+        lines.append(
+            "note: train.compile is on: the compiled blocks fuse elementwise work and save "
+            "fewer activations than counted here (an H200 run of the 100M preset allocated "
+            "half the eager peak), so the activation figure is an upper bound"
         )
     lines += [f"warning: {w}" for w in r.warnings]
     return "\n".join(lines)
