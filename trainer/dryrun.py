@@ -23,7 +23,8 @@ tensor; full: each block's input; selective: matmul, attention and all-to-all ou
 the routing decisions), counted per token from the layer shapes (`activation_parts`) with a
 fused attention kernel (no S x S scores) and balanced routing; the all-to-all receive
 buffers' headroom for routing imbalance (`ROUTING_HEADROOM`, EP > 1); the block rebuilt in
-backward under checkpointing with its gradient temporaries; and the loss's fp32 logits.
+backward under checkpointing with its gradient temporaries; and the loss's fp32 logits, or
+under `train.loss_chunk_tokens` one chunk's and the head's gradients (`loss_bytes`).
 The peak is the larger of the end of the forward and the backward. Checked against the
 measured peak of real CPU runs (tests/test_dryrun.py, bench/fsdp.py). The job is said not
 to fit when the peak exceeds `parallel.device_memory_gib`. `train.dtype` auto is sized as
@@ -77,7 +78,7 @@ class RankMemory:
     activations: int  # the blocks' tensors saved for backward (train.activation_checkpoint)
     routing_headroom: int  # all-to-all receive buffers beyond a balanced share (EP > 1)
     recompute: int  # one block rebuilt in backward (checkpointing) and its temporaries
-    loss: int  # final norm, logits, the loss's fp32 log-softmax and temporaries
+    loss: int  # final norm, logits, fp32 log-softmax, temporaries (or a chunk's: loss_bytes)
     num_blocks: int  # transformer blocks (the backward frees their activations one by one)
 
     @property
@@ -125,7 +126,7 @@ class RankMemory:
             ("activations saved for backward", self.activations),
             (f"all-to-all imbalance headroom (x{ROUTING_HEADROOM:g})", self.routing_headroom),
             ("block rebuilt in backward", self.recompute),
-            ("loss: logits and log-softmax", self.loss),
+            ("loss: logits and log-softmax (or a chunk's)", self.loss),
         ]
 
 
@@ -359,6 +360,37 @@ def activation_parts(cfg: ModelConfig, *, a: int, r: int) -> ActivationParts:
     )
 
 
+def loss_bytes(cfg: JobConfig, *, tokens: int, a: int, r: int) -> int:
+    """Bytes the next-token loss holds at its peak, at the start of its backward
+    (`RankMemory.loss`); `a` and `r` as in `activation_parts`.
+
+    Whole (`train.loss_chunk_tokens` 0), per token: the final norm's tensors; the fp32
+    log-softmax `F.cross_entropy` saves, the gradient of it and the gradient of the logits
+    (4 bytes each per vocabulary entry); below fp32 that gradient's compute-dtype copy, and
+    with distillation the logits themselves, which the loop keeps for the KL term.
+
+    Chunked (trainer/loss.py; distillation still needs the whole logits), or Liger's fused
+    kernel (chunks of T / ceil(V / D) tokens, to the next power of two): per token the final
+    norm's input and output and the gradient of the hidden states (the head's input is cast
+    chunk by chunk, not kept); the fp32 gradient of the head weight [V, D]; one chunk's fp32
+    logits and the fp32 temporary of their log-sum-exp (8 bytes per entry; below fp32 the
+    compute-dtype copies come and go under that); and below fp32 the compute-dtype product
+    of the weight's gradient matmul [V, D].
+    """
+    m, t = cfg.model, cfg.train
+    V, D = m.vocab_size, m.dim
+    low = a if a < 4 else 0  # the compute-dtype copies exist only below fp32
+    chunk = t.loss_chunk_tokens
+    if t.loss_kernel == "liger":
+        per = -(-V // D)
+        chunk = 1 << max(0, (-(-tokens // per) - 1).bit_length())
+    if cfg.distill.teacher or chunk <= 0 or chunk >= tokens:
+        norm = 2 * r * D + a * D
+        held = a * V if cfg.distill.teacher else low * V
+        return tokens * (norm + 12 * V + held)
+    return tokens * 3 * r * D + 4 * V * D + 8 * chunk * V + low * V * D
+
+
 def memory_model(
     cfg: JobConfig,
     *,
@@ -423,7 +455,7 @@ def memory_model(
         activations=sum(saved) * tokens,
         routing_headroom=headroom * tokens,
         recompute=int(rebuilt * tokens * (1 + RECOMPUTE_TEMP)),
-        loss=parts.loss * tokens,
+        loss=loss_bytes(cfg, tokens=tokens, a=a, r=r),
         num_blocks=m.num_layers,
     )
 
