@@ -429,7 +429,9 @@ def titan_moe(shape: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> t
     return None, f"torchtitan {version} installed, its MoE not built: " + "; ".join(misses)
 
 
-def hf_mixtral_block(shape: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
+def hf_mixtral_block(
+    shape: dict[str, Any], dev: torch.device, dtype: torch.dtype
+) -> tuple[Any, str]:
     """transformers' Mixtral sparse MoE block at this shape, its experts on grouped_mm."""
     try:
         import transformers
@@ -449,6 +451,40 @@ def hf_mixtral_block(shape: dict[str, Any], dev: torch.device, dtype: torch.dtyp
     return _init_(block, dtype=dtype), f"transformers {transformers.__version__} (grouped_mm)"
 
 
+def _moe_step(
+    layer: Any, x: torch.Tensor, grad: torch.Tensor, *, autocast: bool = False
+) -> Callable[[], None]:
+    """One forward+backward of a moeyard MoE layer on x [T, D] (the aux loss included)."""
+
+    def run() -> None:
+        xi = x.detach().requires_grad_()
+        ctx = (
+            torch.autocast(x.device.type, dtype=torch.bfloat16)
+            if autocast
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            out, losses = layer(xi.unsqueeze(0))
+        torch.autograd.backward(
+            [out.squeeze(0), losses.aux_loss], [grad, torch.ones_like(losses.aux_loss)]
+        )
+
+    return run
+
+
+def _plain_step(
+    layer: Any, x: torch.Tensor, grad: torch.Tensor, shape_in: Callable[[torch.Tensor], Any]
+) -> Callable[[], None]:
+    """One forward+backward of a layer that returns one tensor of x's elements."""
+
+    def run() -> None:
+        xi = x.detach().requires_grad_()
+        out = layer(shape_in(xi))
+        out.reshape(x.shape).backward(grad)
+
+    return run
+
+
 def moe_layer_part(
     rep: Report, dev: torch.device, *, shapes: dict[str, dict[str, Any]], tokens: int, rounds: int
 ) -> None:
@@ -466,45 +502,25 @@ def moe_layer_part(
         for m in (moe, moe_fp32):
             m.train()
 
-        def moe_step(layer: Any, autocast: bool = False) -> Callable[[], None]:
-            def run() -> None:
-                xi = x.detach().requires_grad_()
-                ctx = (
-                    torch.autocast(dev.type, dtype=bf16) if autocast else contextlib.nullcontext()
-                )
-                with ctx:
-                    out, losses = layer(xi.unsqueeze(0))
-                torch.autograd.backward(
-                    [out.squeeze(0), losses.aux_loss], [grad, torch.ones_like(losses.aux_loss)]
-                )
-
-            return run
-
-        def plain_step(layer: Any, shape_in: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-            def run() -> None:
-                xi = x.detach().requires_grad_()
-                out = layer(shape_in(xi))
-                out.reshape(tokens, D).backward(grad)
-
-            return run
-
         fns: dict[str, Callable[[], None]] = {
-            "dense-active": plain_step(dense, lambda t: t),
-            "moeyard": moe_step(moe),
-            "moeyard, fp32 weights under autocast": moe_step(moe_fp32, autocast=True),
+            "dense-active": _plain_step(dense, x, grad, lambda t: t),
+            "moeyard": _moe_step(moe, x, grad),
+            "moeyard, fp32 weights under autocast": _moe_step(moe_fp32, x, grad, autocast=True),
         }
         where: dict[str, str] = {}
         tt, why = titan_moe(sh, dev, bf16)
         where["torchtitan"] = why
         if tt is not None:
-            fns["torchtitan"] = plain_step(tt, lambda t: t.unsqueeze(0))
+            fns["torchtitan"] = _plain_step(tt, x, grad, lambda t: t.unsqueeze(0))
         hf, why = hf_mixtral_block(sh, dev, bf16)
         where["transformers Mixtral block"] = why
         if hf is not None:
-            fns["transformers Mixtral block"] = plain_step(hf, lambda t: t.unsqueeze(0))
+            fns["transformers Mixtral block"] = _plain_step(hf, x, grad, lambda t: t.unsqueeze(0))
         if dev.type == "cuda":
-            fns["moeyard, torch.compile"] = moe_step(torch.compile(moe))
-            fns["dense-active, torch.compile"] = plain_step(torch.compile(dense), lambda t: t)
+            fns["moeyard, torch.compile"] = _moe_step(torch.compile(moe), x, grad)
+            fns["dense-active, torch.compile"] = _plain_step(
+                torch.compile(dense), x, grad, lambda t: t
+            )
         for k, v in where.items():
             rep.note(f"{name}: {k}: {v}")
         ms = interleaved_ms(fns, dev, warmup=2, rounds=rounds)
@@ -550,11 +566,16 @@ def grouped_gemm_part(rep: Report, dev: torch.device, *, small: bool) -> None:
     rep.table(
         f"grouped GEMM bf16 ({experts} groups x {per_expert} rows, {dim} x {hidden})",
         ["kernel", "ms", "TFLOP/s", "x dense"],
-        [{"kernel": k, "ms": t, "TFLOP/s": flops / t / 1e9, "x dense": t / ms["dense"]} for k, t in ms.items()],
+        [
+            {"kernel": k, "ms": t, "TFLOP/s": flops / t / 1e9, "x dense": t / ms["dense"]}
+            for k, t in ms.items()
+        ],
     )
 
 
-def _kept_by_affinity(ids_TK: torch.Tensor, scores_TK: torch.Tensor, E: int, cap: int) -> torch.Tensor:
+def _kept_by_affinity(
+    ids_TK: torch.Tensor, scores_TK: torch.Tensor, E: int, cap: int
+) -> torch.Tensor:
     """Per expert, its cap highest-scoring pairs (ties: lower token first), as a [T, K] mask;
     written independently of trainer.moe.drop_overflow."""
     keep = torch.zeros_like(ids_TK, dtype=torch.bool)
@@ -632,7 +653,8 @@ def gpu_risks_part(rep: Report, dev: torch.device, *, small: bool) -> None:
     rows.append(
         {
             "check": f"gradients with drops ({dropped} of {T * cfg.top_k} pairs dropped)",
-            "result": ("finite" if finite else "NON-FINITE") + f", rel err x {err_x:.1e} w1 {err_w:.1e}",
+            "result": ("finite" if finite else "NON-FINITE")
+            + f", rel err x {err_x:.1e} w1 {err_w:.1e}",
             "notes": "against a per-expert loop over the kept pairs (fp32, TF32 off); want < 1e-4",
         }
     )
@@ -651,12 +673,15 @@ def gpu_risks_part(rep: Report, dev: torch.device, *, small: bool) -> None:
                 {
                     "check": f"host syncs per MoE layer fwd+bwd at EP 1, capacity_factor {cf:g}",
                     "result": f"{per:g}",
-                    "notes": "budget 0 (after a warm-up pass, over 4)" + (f"; at {', '.join(where)}" if where else ""),
+                    "notes": "budget 0 (after a warm-up pass, over 4)"
+                    + (f"; at {', '.join(where)}" if where else ""),
                 }
             )
         moe.cfg.capacity_factor = 1.0
     else:
-        rows.append({"check": "host syncs (set_sync_debug_mode)", "result": "skipped", "notes": "CUDA only"})
+        rows.append(
+            {"check": "host syncs (set_sync_debug_mode)", "result": "skipped", "notes": "CUDA only"}
+        )
     rep.table("the MoE path's GPU-only risks", ["check", "result", "notes"], rows)
 
 
@@ -779,7 +804,9 @@ def one_rank_group(dev: torch.device, store_dir: str) -> Iterator[None]:
 
     store = dist.FileStore(os.path.join(store_dir, "store"), 1)
     kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=0, world_size=1, **kw)
+    dist.init_process_group(
+        "nccl" if dev.type == "cuda" else "gloo", store=store, rank=0, world_size=1, **kw
+    )
     try:
         yield
     finally:
@@ -813,17 +840,21 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def step_run(spec: StepSpec, dev: torch.device, meter: EnergyMeter, *, steps: int, small: bool) -> dict[str, Any]:
+def step_run(
+    spec: StepSpec, dev: torch.device, meter: EnergyMeter, *, steps: int, small: bool
+) -> dict[str, Any]:
     """Sets up `spec` through trainer.loop and times `steps` steps after a warm-up one."""
     from ops.metrics import resolve_peak_tflops
     from trainer.config import load_config
     from trainer.dryrun import size_job
     from trainer.flops import flops_per_token
-    from trainer.loop import setup, train_step
+    from trainer.loop import setup
 
     with tempfile.TemporaryDirectory() as tmp:
         preset = RUNS / f"{spec.preset}.yaml"
-        cfg = load_config(preset, step_overrides(spec, f"{tmp}/run", small=small), ignore_sections=("cluster",))
+        cfg = load_config(
+            preset, step_overrides(spec, f"{tmp}/run", small=small), ignore_sections=("cluster",)
+        )
         estimate = size_job(cfg, world_size=1).memory.total
         with contextlib.ExitStack() as stack:
             if spec.fsdp:
@@ -853,7 +884,9 @@ def step_run(spec: StepSpec, dev: torch.device, meter: EnergyMeter, *, steps: in
         return row
 
 
-def _time_steps(spec: StepSpec, state: Any, dev: torch.device, meter: EnergyMeter, *, steps: int) -> dict[str, Any]:
+def _time_steps(
+    spec: StepSpec, state: Any, dev: torch.device, meter: EnergyMeter, *, steps: int
+) -> dict[str, Any]:
     from trainer.loop import train_step
 
     def sync() -> None:
@@ -886,7 +919,15 @@ def _time_steps(spec: StepSpec, state: Any, dev: torch.device, meter: EnergyMete
     return row
 
 
-def steps_part(rep: Report, dev: torch.device, budget: Budget, *, specs: Sequence[StepSpec], steps: int, small: bool) -> None:
+def steps_part(
+    rep: Report,
+    dev: torch.device,
+    budget: Budget,
+    *,
+    specs: Sequence[StepSpec],
+    steps: int,
+    small: bool,
+) -> None:
     meter = EnergyMeter(dev)
     if meter.sampler is None:
         rep.note(f"energy not measured: {meter.reason}")
@@ -896,12 +937,22 @@ def steps_part(rep: Report, dev: torch.device, budget: Budget, *, specs: Sequenc
             # A compiled run costs its compilation too; other runs a set-up and a few steps.
             need = 90.0 if spec.compile else 20.0
             if not small and budget.left() < need:
-                rows.append({"run": spec.label, "error": f"skipped: {budget.left():.0f} s of the budget left"})
+                rows.append(
+                    {
+                        "run": spec.label,
+                        "error": f"skipped: {budget.left():.0f} s of the budget left",
+                    }
+                )
                 continue
             try:
                 rows.append(step_run(spec, dev, meter, steps=steps, small=small))
             except Exception as e:  # one run's failure leaves the others
-                rows.append({"run": spec.label, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+                rows.append(
+                    {
+                        "run": spec.label,
+                        "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                    }
+                )
                 rep.log(traceback.format_exc())
             finally:
                 if spec.compile:
@@ -913,7 +964,19 @@ def steps_part(rep: Report, dev: torch.device, budget: Budget, *, specs: Sequenc
     rep.table(
         f"shortened steps ({steps} timed steps after a warm-up one; energy, power and peak "
         "memory over the timed steps; dry run = size_job's peak estimate)",
-        ["run", "step ms", "tokens/s", "MFU %", "mJ/token", "W", "alloc GiB", "reserved GiB", "dry run GiB", "syncs/step", "error"],
+        [
+            "run",
+            "step ms",
+            "tokens/s",
+            "MFU %",
+            "mJ/token",
+            "W",
+            "alloc GiB",
+            "reserved GiB",
+            "dry run GiB",
+            "syncs/step",
+            "error",
+        ],
         rows,
     )
     sites = {r["run"]: r["sync sites"] for r in rows if r.get("sync sites")}
@@ -929,13 +992,19 @@ def profile_part(rep: Report, dev: torch.device, *, small: bool) -> None:
 
     spec = SMOKE_SPECS[0] if small else StepSpec(MIXTRAL, 2, True, "selective", grad_accum=2)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(RUNS / f"{spec.preset}.yaml", step_overrides(spec, f"{tmp}/run", small=small), ignore_sections=("cluster",))
+        cfg = load_config(
+            RUNS / f"{spec.preset}.yaml",
+            step_overrides(spec, f"{tmp}/run", small=small),
+            ignore_sections=("cluster",),
+        )
         with one_rank_group(dev, tmp), fast_init():
             state = setup(cfg)
             try:
                 train_step(state)
                 train_step(state)
-                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+                activities = [ProfilerActivity.CPU] + (
+                    [ProfilerActivity.CUDA] if dev.type == "cuda" else []
+                )
                 with profile(activities=activities) as prof:
                     train_step(state)
                     if dev.type == "cuda":
@@ -989,6 +1058,7 @@ def loop_energy_part(rep: Report, dev: torch.device, *, small: bool) -> None:
     finally:
         nvml_mod.GpuSampler._read_energy_counter = real  # type: ignore[method-assign]
     steady = records[1:] or records
+    cost = nvml_read_cost(dev)
 
     def med(key: str) -> float | None:
         vals = [r[key] for r in steady if key in r]
@@ -999,7 +1069,14 @@ def loop_energy_part(rep: Report, dev: torch.device, *, small: bool) -> None:
     power = [d["power_w"] for r in steady for d in r.get("devices", ()) if "power_w" in d]
     rep.table(
         f"trainer.loop.run, {'tiny' if small else '100M'} preset, telemetry on (the loop's own records)",
-        ["tokens/s", "MFU %", "mJ/token", "W", "energy reads on the step's thread", "on the sampler thread"],
+        [
+            "tokens/s",
+            "MFU %",
+            "mJ/token",
+            "W",
+            "energy reads on the step's thread",
+            "on the sampler thread",
+        ],
         [
             {
                 "tokens/s": med("tokens_per_s"),
@@ -1012,6 +1089,42 @@ def loop_energy_part(rep: Report, dev: torch.device, *, small: bool) -> None:
             }
         ],
     )
+    if cost:
+        rep.table(
+            "NVML reads: what a logged step pays (the sampler's read with the energy counter on "
+            "its thread) against the energy call itself; medians",
+            ["read", "us"],
+            [{"read": k, "us": v} for k, v in cost.items()],
+        )
+
+
+def nvml_read_cost(dev: torch.device) -> dict[str, float]:
+    """Microseconds of GpuSampler.read() on the step's thread (energy on the sampler thread)
+    and of the energy counter call itself; empty without a GPU or NVML."""
+    if dev.type != "cuda":
+        return {}
+    from ops.nvml import GpuSampler
+
+    s = GpuSampler(str(torch.cuda.get_device_properties(dev).uuid), energy_interval_s=0.1)
+    if not s.available:
+        return {}
+    try:
+        s.read()
+
+        def med_us(fn: Callable[[], object], n: int) -> float:
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return 1e6 * statistics.median(ts)
+
+        return {
+            "GpuSampler.read() at a logged step": med_us(s.read, 100),
+            "nvmlDeviceGetTotalEnergyConsumption": med_us(s._read_energy_counter, 20),
+        }
+    finally:
+        s.close()
 
 
 def env_part(rep: Report, dev: torch.device) -> None:
@@ -1037,13 +1150,30 @@ def env_part(rep: Report, dev: torch.device) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="where the log and the JSON go (default $OUT)")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="the steps part adds no run past this many seconds of the whole check")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or "gpu_check_out",
+        help="where the log and the JSON go (default $OUT)",
+    )
+    ap.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}"
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=330.0,
+        help="the steps part adds no run past this many seconds of the whole check",
+    )
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the MoE layer timing")
-    ap.add_argument("--cpu-smoke", action="store_true", help="every part, tiny, on the CPU: checks the script")
+    ap.add_argument(
+        "--rounds", type=int, default=10, help="interleaved rounds of the MoE layer timing"
+    )
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="every part, tiny, on the CPU: checks the script"
+    )
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -1073,7 +1203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.results["args"] = {k: v for k, v in vars(args).items()}
     budget = Budget(args.budget_s)
     if small:
-        rep.log("gpu_check --cpu-smoke: every part, tiny, on the CPU; nothing here is a measurement")
+        rep.log(
+            "gpu_check --cpu-smoke: every part, tiny, on the CPU; nothing here is a measurement"
+        )
     try:
         for part in args.parts:
             with rep.part(part):

@@ -23,11 +23,20 @@ import gpu_check  # noqa: E402
     ("chain", "kind"),
     [
         (["aten::_grouped_mm", "aten::to"], "expert GEMMs"),
-        (["aten::_grouped_mm", "GroupedMmBackward0", "autograd::engine::evaluate_function: X"], "expert GEMMs"),
+        (
+            ["aten::_grouped_mm", "GroupedMmBackward0", "autograd::engine::evaluate_function: X"],
+            "expert GEMMs",
+        ),
         (["aten::mm", "aten::linear", "## forward ##"], "other GEMMs"),
         (["aten::addmm", "AddmmBackward0"], "other GEMMs"),
-        (["aten::_scaled_dot_product_flash_attention", "aten::scaled_dot_product_attention"], "attention"),
-        (["aten::_efficient_attention_backward", "ScaledDotProductEfficientAttentionBackward0"], "attention"),
+        (
+            ["aten::_scaled_dot_product_flash_attention", "aten::scaled_dot_product_attention"],
+            "attention",
+        ),
+        (
+            ["aten::_efficient_attention_backward", "ScaledDotProductEfficientAttentionBackward0"],
+            "attention",
+        ),
         (["aten::index_select", "aten::embedding_bag"], "permutation and combine"),
         (["aten::sort", "aten::argsort"], "permutation and combine"),
         (["aten::copy_", "aten::scatter_add_"], "permutation and combine"),
@@ -35,7 +44,10 @@ import gpu_check  # noqa: E402
         (["aten::_fused_adamw_", "Optimizer.step#AdamW.step"], "optimizer"),
         (["aten::mul_", "aten::_foreach_mul_"], "optimizer"),
         # A context owns what runs in it, GEMM-like or not.
-        (["aten::copy_", "FSDP::all_gather_copy_out", "FSDP::pre_forward"], "weight casts, FSDP copies and collectives"),
+        (
+            ["aten::copy_", "FSDP::all_gather_copy_out", "FSDP::pre_forward"],
+            "weight casts, FSDP copies and collectives",
+        ),
         (["aten::mm", "FSDP::post_backward_reduce"], "weight casts, FSDP copies and collectives"),
         (["ncclDevKernel_ReduceScatter_Sum_f32"], "weight casts, FSDP copies and collectives"),
         (["aten::_foreach_copy_"], "weight casts, FSDP copies and collectives"),
@@ -48,12 +60,16 @@ def test_classifier(chain, kind):
 
 
 def test_breakdown_counts_each_events_own_time_once_under_its_parents_kind():
-    root = SimpleNamespace(name="Optimizer.step#AdamW.step", cpu_parent=None, self_device_time_total=0.0)
+    root = SimpleNamespace(
+        name="Optimizer.step#AdamW.step", cpu_parent=None, self_device_time_total=0.0
+    )
     opt = SimpleNamespace(name="aten::_fused_adamw_", cpu_parent=root, self_device_time_total=50.0)
     lin = SimpleNamespace(name="aten::linear", cpu_parent=None, self_device_time_total=0.0)
     mm = SimpleNamespace(name="aten::mm", cpu_parent=lin, self_device_time_total=30.0)
     cast = SimpleNamespace(name="aten::copy_", cpu_parent=lin, self_device_time_total=5.0)
-    lone = SimpleNamespace(name="void elementwise_kernel", cpu_parent=None, self_device_time_total=7.0)
+    lone = SimpleNamespace(
+        name="void elementwise_kernel", cpu_parent=None, self_device_time_total=7.0
+    )
     out = gpu_check.breakdown([root, opt, lin, mm, cast, lone], time_attr="self_device_time_total")
     assert set(out) == set(gpu_check.KINDS)
     assert out["optimizer"] == 50.0 and out["other GEMMs"] == 30.0 and out["the rest"] == 12.0
@@ -96,7 +112,11 @@ def test_no_gpu_exits_with_a_message(tmp_path, capsys):
 def test_step_specs_cover_what_the_issue_asks():
     specs = gpu_check.STEP_SPECS
     for preset, layers in ((gpu_check.MIXTRAL, 2), (gpu_check.DSV2L, 4)):
-        assert {s.ac for s in specs if s.preset == preset and s.layers == layers} == {"none", "selective", "full"}
+        assert {s.ac for s in specs if s.preset == preset and s.layers == layers} == {
+            "none",
+            "selective",
+            "full",
+        }
         assert any(s.compile for s in specs if s.preset == preset)
     assert {s.fsdp for s in specs if s.preset == gpu_check.MIXTRAL} == {True, False}
     assert any(s.preset == gpu_check.M100 for s in specs)
@@ -108,7 +128,13 @@ def test_step_specs_cover_what_the_issue_asks():
 def test_cpu_smoke_runs_every_part(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_check.py"),
+            "--cpu-smoke",
+            "--out",
+            str(tmp_path),
+        ],
         env=env,
         capture_output=True,
         text=True,

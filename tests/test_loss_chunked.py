@@ -102,7 +102,9 @@ def _tiny_model(overrides: list[str]):
 def test_model_loss_and_every_gradient_equal_the_logits_path(ac):
     cfg, model, apply_ac = _tiny_model(["model.num_dense_layers=1"])
     apply_ac(model, ac)
-    tokens = torch.randint(0, cfg.model.vocab_size, (3, 41), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(
+        0, cfg.model.vocab_size, (3, 41), generator=torch.Generator().manual_seed(3)
+    )
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def grads(fn):

@@ -82,9 +82,13 @@ def test_fused_step_with_folded_clip_equals_foreach_clip_then_step(tmp_path, sca
         n_fused = clip_grad_norm_(fused, mesh, 1.0, optimizer=opt_fused)
         assert float(n_fused) == pytest.approx(float(n_ref), rel=1e-6)
         # One pass: under the fused kernel the gradients are not rewritten.
-        assert all(torch.equal(p.grad, u) for p, u in zip(fused.parameters(), unclipped, strict=True))
+        assert all(
+            torch.equal(p.grad, u) for p, u in zip(fused.parameters(), unclipped, strict=True)
+        )
         if scale > 1:
-            assert float(n_ref) > 1.0 and float(opt_fused.grad_scale) == pytest.approx(float(n_ref), rel=1e-5)
+            assert float(n_ref) > 1.0 and float(opt_fused.grad_scale) == pytest.approx(
+                float(n_ref), rel=1e-5
+            )
         opt_ref.step()
         opt_fused.step()
     for a, b in zip(ref.parameters(), fused.parameters(), strict=True):
@@ -156,7 +160,13 @@ def _fsdp_steps(rank: int, world: int, out: str, overrides: list[str], patch: st
             per_step.append({k: counts[k] - before[k] for k in counts})
         params = [local_of(p).detach().clone() for p in state.model.parameters()]
         units = sum(1 for m in state.model.modules() if hasattr(m, "_get_fsdp_state"))
-        return {"losses": losses, "params": params, "per_step": per_step, "units": units, "fused": fused}
+        return {
+            "losses": losses,
+            "params": params,
+            "per_step": per_step,
+            "units": units,
+            "fused": fused,
+        }
     finally:
         state.source.close()
 

@@ -378,7 +378,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = no clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 on GPU (FSDP bf16 parameters with fp32 gradient reduction and fp32 master
-    # weights; bf16 autocast in one process), fp32 on CPU.
+    # weights; in one process bf16 copies of the fp32 weights made once a step and fp32
+    # gradient accumulation, trainer/precision.py), fp32 on CPU.
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     # Activation checkpointing per transformer block: none; full (keep only each block's
     # input, recompute the rest in backward); selective (keep matmul outputs, the

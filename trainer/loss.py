@@ -106,7 +106,9 @@ def _chunked_loss_only(
     total = hidden_TD.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden_TD.shape[0], chunk):
         logits_CV = _chunk_logits(hidden_TD[s : s + chunk].to(cd), w)
-        total += F.cross_entropy(logits_CV, targets_T[s : s + chunk], ignore_index=ignore, reduction="sum")
+        total += F.cross_entropy(
+            logits_CV, targets_T[s : s + chunk], ignore_index=ignore, reduction="sum"
+        )
     return total / (targets_T != ignore).sum()
 
 
@@ -115,7 +117,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     docstring); backward scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden_TD: Tensor,
         weight_VD: Tensor,

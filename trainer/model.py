@@ -65,7 +65,9 @@ class ModelOutput:
 class OutputHead(nn.Module):
     """The output projection to the vocabulary; given targets, it returns the loss instead
     of the logits (`trainer.loss.linear_cross_entropy`), computed inside this module's
-    forward so that FSDP has gathered the weight."""
+    forward, where FSDP has gathered the weight."""
+
+    weight: Tensor  # [V, D]; tied embeddings assign the embedding's
 
     def __init__(self, dim: int, vocab_size: int) -> None:
         super().__init__()
