@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,11 +99,15 @@ def main() -> None:
                 res[v].append(time_variant(v, args.steps, tmp))
             print("  repeat", r + 1, "  ".join(f"{v} {res[v][-1] * 1e3:.1f} ms" for v in VARIANTS))
     ref = statistics.median(res["one process"])
-    out: dict[str, Any] = {}
     for v in VARIANTS:
         m = statistics.median(res[v])
-        out[v] = m
-        print(f"{v:<32} median step {m * 1e3:7.1f} ms   x one process {m / ref:.3f}")
+        # Each repeat against the one-process run of the same repeat: neighbours in time share
+        # the machine's load, so on a shared machine this is the steadier figure.
+        paired = statistics.median(a / b for a, b in zip(res[v], res["one process"], strict=True))
+        print(
+            f"{v:<32} median step {m * 1e3:7.1f} ms   x one process {m / ref:.3f}   "
+            f"median of per-repeat ratios {paired:.3f}"
+        )
 
 
 if __name__ == "__main__":
