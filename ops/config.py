@@ -19,6 +19,10 @@ class OpsConfig:
     # through RAPL at every logged step. Values that cannot be measured are absent.
     telemetry: bool = True
     rapl_root: str = "/sys/class/powercap"
+    # The GPU's total-energy counter is read on a thread of its own every this many seconds,
+    # off the training step's path (the call takes milliseconds); each logged window's
+    # energy is the change between two of its reads. 0 = read it at each logged step.
+    energy_interval_s: float = 0.1
     # Per-device peak dense bf16 TFLOP/s for MFU. 0 = look the device up in the table of
     # known peaks (ops.metrics.PEAK_TFLOPS); on a device not in the table (a CPU) MFU is
     # absent unless this is set.
@@ -61,6 +65,11 @@ class OpsConfig:
             raise OpsConfigError(
                 f"ops.prometheus_linger_s ({self.prometheus_linger_s}) must be >= 0"
             )
+        if self.energy_interval_s < 0:
+            raise OpsConfigError(
+                f"ops.energy_interval_s ({self.energy_interval_s}) must be >= 0 (0 = read at "
+                "each logged step)"
+            )
         if self.peak_tflops < 0:
             raise OpsConfigError(f"ops.peak_tflops ({self.peak_tflops}) must be >= 0")
         if not self.prometheus_host:
@@ -86,7 +95,7 @@ class OpsConfig:
         elif self.prometheus == "ray":
             ignored(("prometheus_host", "prometheus_port"), "ops.prometheus is 'ray'")
         if not self.telemetry:
-            ignored(("rapl_root",), "ops.telemetry is false")
+            ignored(("rapl_root", "energy_interval_s"), "ops.telemetry is false")
         if not self.wandb:
             ignored(
                 (

@@ -1,7 +1,8 @@
 """Per-rank telemetry for the training loop: samples this rank's GPU (NVML) and, on local
 rank 0, the node's CPU package energy (RAPL) at every logged step, gathers the samples of
 all ranks, and adds the step metrics (MFU, data-wait share, energy per token) to the
-loop's record.
+loop's record. The GPU's energy counter, a slow call, is read by a thread of its own
+(`ops.energy_interval_s`, ops/nvml.py); the logged step takes its newest value.
 
 The loop owns the collectives: it passes a `gather` function (one small all-gather of a
 float vector per logged step). ops imports neither trainer nor torch.distributed.
@@ -87,7 +88,9 @@ class Telemetry:
         self.gpu: GpuSampler | None = None
         self.rapl: RaplReader | None = None
         if cfg.telemetry:
-            self.gpu = gpu if gpu is not None else (GpuSampler(gpu_uuid) if gpu_uuid else None)
+            if gpu is None and gpu_uuid:
+                gpu = GpuSampler(gpu_uuid, energy_interval_s=cfg.energy_interval_s)
+            self.gpu = gpu
             if self.gpu is None and local_rank == 0:
                 log.warning(
                     "GPU telemetry unavailable: this process trains on the CPU (no CUDA "
@@ -103,7 +106,8 @@ class Telemetry:
         self.samples = 0
 
     def start(self) -> None:
-        """Takes the baseline reads, so that the first window has energy values."""
+        """Takes the baseline reads, so that the first window has energy values (and starts
+        the GPU's energy-counter thread, off the step's path)."""
         if self.gpu is not None:
             self.gpu.read()
 

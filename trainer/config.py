@@ -382,7 +382,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = no clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 on GPU (FSDP bf16 parameters with fp32 gradient reduction and fp32 master
-    # weights; bf16 autocast in one process), fp32 on CPU.
+    # weights; in one process bf16 copies of the fp32 weights made once a step and fp32
+    # gradient accumulation, trainer/precision.py), fp32 on CPU.
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     # Activation checkpointing per transformer block: none; full (keep only each block's
     # input, recompute the rest in backward); selective (keep matmul outputs, the
@@ -391,6 +392,14 @@ class TrainConfig:
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     # torch.compile per transformer block (after activation checkpointing, before FSDP).
     compile: bool = False
+    # The next-token loss over this many tokens at a time (trainer/loss.py): the whole
+    # micro-batch's fp32 logits and log-softmax never exist at once, and the gradients are
+    # computed chunk by chunk in the forward; 0 = all tokens at once (the logits
+    # materialized, as with distillation, which needs them).
+    loss_chunk_tokens: int = 0
+    # torch: the loss above; liger: Liger-Kernel's fused linear cross-entropy (CUDA, the
+    # optional `gpu` extra), which chunks by itself.
+    loss_kernel: Literal["torch", "liger"] = "torch"
     # Loss guard: skip a step with a non-finite loss or gradient norm, or (spike_factor > 0)
     # a loss above spike_factor x the running mean; stop after max_bad_steps in a row.
     loss_guard: bool = True
@@ -436,6 +445,17 @@ class TrainConfig:
         )
         _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0")
         _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0")
+        _require(
+            self.loss_chunk_tokens >= 0,
+            f"train.loss_chunk_tokens ({self.loss_chunk_tokens}) must be >= 0 (0 = whole)",
+        )
+        if self.loss_kernel == "liger":
+            warn_ignored(
+                "train",
+                self,
+                ("loss_chunk_tokens",),
+                "train.loss_kernel is 'liger', which chunks the loss by itself",
+            )
 
         if not self.loss_guard:
             warn_ignored(
@@ -634,6 +654,13 @@ class JobConfig:
                         stacklevel=3,
                     )
         d = self.distill
+        if d.teacher:
+            warn_ignored(
+                "train",
+                self.train,
+                ("loss_chunk_tokens", "loss_kernel"),
+                "distillation (distill.teacher) needs the student's whole logits",
+            )
         if not d.teacher and (d.alpha, d.temperature) != (0.5, 1.0):
             warnings.warn(
                 f"distill.alpha ({d.alpha}) and distill.temperature ({d.temperature}) are ignored: "

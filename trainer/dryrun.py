@@ -17,13 +17,14 @@ the fp32 master weights, fp32 gradients and AdamW's two fp32 moments of the rank
 shard (dense parameters / dp_shard, experts / (ep x efsdp) = / dp_shard; nothing is
 sharded in one process); the FSDP units gathered at once (one block, two on a GPU where the
 next is prefetched, plus the output head, kept gathered from forward to backward) in the
-compute dtype; with bf16 autocast in one process a bf16 copy of every matmul weight; the
+compute dtype; in bf16 in one process a bf16 compute copy of every weight; the
 activations the forward saves for backward under `train.activation_checkpoint` (none: every
 tensor; full: each block's input; selective: matmul, attention and all-to-all outputs and
 the routing decisions), counted per token from the layer shapes (`activation_parts`) with a
 fused attention kernel (no S x S scores) and balanced routing; the all-to-all receive
 buffers' headroom for routing imbalance (`ROUTING_HEADROOM`, EP > 1); the block rebuilt in
-backward under checkpointing with its gradient temporaries; the loss's fp32 logits; with
+backward under checkpointing with its gradient temporaries; the loss's fp32 logits, or
+under `train.loss_chunk_tokens` one chunk's and the head's gradients (`loss_bytes`); with
 train.grad_accum > 1 the gradients of the earlier micro-steps, held through the forward;
 and AdamW's step temporaries (foreach; none fused). The allocated peak is the largest of
 the end of the forward, the backward and the optimizer step; on a GPU the caching
@@ -88,11 +89,11 @@ class RankMemory:
     optimizer_temp: int  # AdamW's step temporaries (foreach: a sqrt of the second moments)
     gathered_forward: int  # FSDP units gathered at the end of the forward (last block, head)
     gathered_backward: int  # FSDP units gathered at once in backward (blocks, prefetch)
-    weight_copies: int  # bf16 copies of matmul weights that autocast keeps (one process)
+    weight_copies: int  # bf16 compute copies of every weight (one process, trainer/precision)
     activations: int  # the blocks' tensors saved for backward (train.activation_checkpoint)
     routing_headroom: int  # all-to-all receive buffers beyond a balanced share (EP > 1)
     recompute: int  # one block rebuilt in backward (checkpointing) and its temporaries
-    loss: int  # final norm, logits, the loss's fp32 log-softmax and temporaries
+    loss: int  # final norm, logits, fp32 log-softmax, temporaries (or a chunk's: loss_bytes)
     num_blocks: int  # transformer blocks (the backward frees their activations one by one)
     allocator_stream_pool: int  # FSDP's gathered units reserved again on its stream (GPU)
     on_gpu: bool  # the allocator's slack is counted for a GPU only
@@ -159,11 +160,11 @@ class RankMemory:
             ("optimizer step temporaries", self.optimizer_temp),
             ("FSDP units gathered, end of forward", self.gathered_forward),
             ("FSDP units gathered at once in backward", self.gathered_backward),
-            ("bf16 weight copies (autocast)", self.weight_copies),
+            ("bf16 compute copies of the weights", self.weight_copies),
             ("activations saved for backward", self.activations),
             (f"all-to-all imbalance headroom (x{ROUTING_HEADROOM:g})", self.routing_headroom),
             ("block rebuilt in backward", self.recompute),
-            ("loss: logits and log-softmax", self.loss),
+            ("loss: logits and log-softmax (or a chunk's)", self.loss),
             ("CUDA caching allocator reserve", self.allocator),
         ]
 
@@ -305,8 +306,8 @@ def _mem_line(m: RankMemory) -> str:
 def activation_bytes(cfg: ModelConfig, *, tokens: int, bf16: bool) -> int:
     """Estimated bytes the forward of `tokens` tokens saves for backward, the loss included.
 
-    Per token: the residual stream and the norms are fp32 (4 bytes) as trainer.model computes
-    them; matmul outputs are 2 bytes under bf16 autocast, 4 in fp32. Counted per layer: the
+    Per token: the residual stream, the norms and matmul outputs take 2 bytes in bf16 (FSDP's
+    bf16 parameters, or one process's compute copies) and 4 in fp32. Counted per layer: the
     norm's input and normalized output and the projection input; attention's saved q, k, v,
     output and log-sum-exp (a fused kernel, no S x S scores) and the output projection's
     input; MLA's latent, its norm and up-projected keys and values; a dense SwiGLU's two
@@ -316,8 +317,9 @@ def activation_bytes(cfg: ModelConfig, *, tokens: int, bf16: bool) -> int:
     on average); a skewed router needs more on the busiest rank. Then the final norm, the
     logits and the loss's log-softmax (fp32).
     """
-    # Under autocast (or fp32) the residual stream and the norms are fp32.
-    parts = activation_parts(cfg, a=2 if bf16 else 4, r=4)
+    # bf16 compute (FSDP's policy, or one process's compute copies) keeps the residual
+    # stream in bf16 too.
+    parts = activation_parts(cfg, a=2 if bf16 else 4, r=2 if bf16 else 4)
     num_moe = cfg.num_layers - cfg.num_dense_layers
     per_token = (
         cfg.num_layers * parts.attn_full
@@ -353,7 +355,7 @@ class ActivationParts:
 def activation_parts(cfg: ModelConfig, *, a: int, r: int) -> ActivationParts:
     """Per-token activation bytes of each layer kind (see `activation_bytes` for what is
     counted). `a`: bytes of a matmul output (2 in bf16, 4 in fp32); `r`: of the residual
-    stream and the norms (4 in fp32 and under autocast, 2 with bf16 parameters)."""
+    stream and the norms (4 in fp32, 2 with bf16 compute)."""
     D, H = cfg.dim, cfg.num_heads
     norm = 2 * r * D + a * D  # input, normalized, the projection's (cast) input
     if cfg.attention == "mla":
@@ -403,24 +405,54 @@ def activation_parts(cfg: ModelConfig, *, a: int, r: int) -> ActivationParts:
     )
 
 
+def loss_bytes(cfg: JobConfig, *, tokens: int, a: int, r: int) -> int:
+    """Bytes the next-token loss holds at its peak, at the start of its backward
+    (`RankMemory.loss`); `a` and `r` as in `activation_parts`.
+
+    Whole (`train.loss_chunk_tokens` 0), per token: the final norm's tensors; the fp32
+    log-softmax `F.cross_entropy` saves, the gradient of it and the gradient of the logits
+    (4 bytes each per vocabulary entry); below fp32 that gradient's compute-dtype copy, and
+    with distillation the logits themselves, which the loop keeps for the KL term.
+
+    Chunked (trainer/loss.py; distillation still needs the whole logits), or Liger's fused
+    kernel (chunks of T / ceil(V / D) tokens, to the next power of two): per token the final
+    norm's input and output and the gradient of the hidden states (the head's input is cast
+    chunk by chunk, not kept); the fp32 gradient of the head weight [V, D]; one chunk's fp32
+    logits and the fp32 temporary of their log-sum-exp (8 bytes per entry; below fp32 the
+    compute-dtype copies come and go under that); and below fp32 the compute-dtype product
+    of the weight's gradient matmul [V, D].
+    """
+    m, t = cfg.model, cfg.train
+    V, D = m.vocab_size, m.dim
+    low = a if a < 4 else 0  # the compute-dtype copies exist only below fp32
+    chunk = t.loss_chunk_tokens
+    if t.loss_kernel == "liger":
+        per = -(-V // D)
+        chunk = 1 << max(0, (-(-tokens // per) - 1).bit_length())
+    if cfg.distill.teacher or chunk <= 0 or chunk >= tokens:
+        norm = 2 * r * D + a * D
+        held = a * V if cfg.distill.teacher else low * V
+        return tokens * (norm + 12 * V + held)
+    return tokens * 3 * r * D + 4 * V * D + 8 * chunk * V + low * V * D
+
+
 def memory_model(
     cfg: JobConfig,
     *,
     params_rank: int,
     experts_rank: int,
-    matmul_rank: int,
     block_units: list[int],
     head_params: int,
     world_size: int,
     fsdp: bool | None = None,
     fused_optimizer: bool | None = None,
+    keep_gathered: bool | None = None,
 ) -> RankMemory:
     """The per-rank budget of `cfg` at `world_size` ranks (see the module docstring).
 
     Args:
         params_rank: parameters one EP rank holds before FSDP (dense + its experts).
         experts_rank: those of them in its experts.
-        matmul_rank: those of them in matrix multiplies (autocast copies them).
         block_units: parameters of each block's FSDP units as gathered (dense + this EP
             rank's experts), for the units gathered at once.
         head_params: the output head's (kept gathered from forward to backward).
@@ -428,6 +460,9 @@ def memory_model(
             rank in a process group, as a one-worker Ray job has, is FSDP too).
         fused_optimizer: AdamW's fused kernel (no step temporaries); None = what
             `trainer.loop.build_optimizer` picks (fused on a GPU).
+        keep_gathered: FSDP keeps every unit gathered for the whole step; None = as
+            `trainer.loop.keeps_gathered` decides (dp_shard 1, unless
+            parallel.reshard_after_forward is always); False = FSDP's own schedule.
     """
     t, m, p = cfg.train, cfg.model, cfg.parallel
     _, dp_shard = p.degrees(world_size)
@@ -442,7 +477,7 @@ def memory_model(
         efsdp = dp_shard // p.ep
         shard = -(-(params_rank - experts_rank) // dp_shard) + -(-experts_rank // efsdp)
     a = 2 if bf16 else 4
-    r = 2 if (bf16 and fsdp) else 4
+    r = 2 if bf16 else 4  # bf16 compute runs the residual stream in bf16 too
     parts = activation_parts(m, a=a, r=r)
     tokens = t.micro_batch_size * t.seq_len
     num_moe = m.num_layers - m.num_dense_layers
@@ -469,6 +504,14 @@ def memory_model(
     # always; the output head always stays.
     kept = {"never": sum(block_units), "always": 0}.get(p.reshard_after_forward, largest)
     gathered_backward = in_flight * largest * pbytes if fsdp else 0
+    stream_pool = gathered_backward
+    if keep_gathered is None:
+        keep_gathered = dp_shard == 1 and p.reshard_after_forward != "always"
+    if fsdp and keep_gathered:
+        # trainer.loop.keeps_gathered: at dp_shard 1 every unit is gathered once a step and
+        # stays so (the embedding included), its gradients accumulated unsharded.
+        kept = sum(block_units) + (0 if m.tie_embeddings else head_params)
+        gathered_backward = stream_pool = 0
     grads = GRAD_BYTES * shard
     return RankMemory(
         params=PARAM_BYTES * shard,
@@ -478,13 +521,13 @@ def memory_model(
         optimizer_temp=0 if fused else PARAM_BYTES * shard,
         gathered_forward=(head_params + kept) * pbytes if fsdp else 0,
         gathered_backward=gathered_backward,
-        weight_copies=2 * matmul_rank if (bf16 and not fsdp) else 0,
+        weight_copies=2 * params_rank if (bf16 and not fsdp) else 0,
         activations=sum(saved) * tokens,
         routing_headroom=headroom * tokens,
         recompute=int(rebuilt * tokens * (1 + RECOMPUTE_TEMP)),
-        loss=parts.loss * tokens,
+        loss=loss_bytes(cfg, tokens=tokens, a=a, r=r),
         num_blocks=m.num_layers,
-        allocator_stream_pool=gathered_backward if on_gpu else 0,
+        allocator_stream_pool=stream_pool if on_gpu else 0,
         on_gpu=on_gpu,
     )
 
@@ -511,10 +554,12 @@ def size_job(
     gpus_per_node: int = 8,
     fsdp: bool | None = None,
     fused_optimizer: bool | None = None,
+    keep_gathered: bool | None = None,
 ) -> SizingReport:
     """Sizes `cfg` for `world_size` ranks (default: parallel.world_size, else parallel.ep).
 
-    `fsdp` and `fused_optimizer` as `memory_model` takes them (None: as the loop decides).
+    `fsdp`, `fused_optimizer` and `keep_gathered` as `memory_model` takes them (None: as
+    the loop decides).
 
     Raises:
         ConfigError: the world size is not a multiple of parallel.ep, or differs from
@@ -531,17 +576,16 @@ def size_job(
     assert params_rank == dense + counts.experts_total // ep, (params_rank, counts)
     assert experts_rank == counts.experts_total // ep
 
-    matmul_rank = params_rank - counts.norms - (0 if m.tie_embeddings else counts.embedding)
     memory = memory_model(
         cfg,
         params_rank=params_rank,
         experts_rank=experts_rank,
-        matmul_rank=matmul_rank,
         block_units=block_units,
         head_params=m.vocab_size * m.dim,
         world_size=world,
         fsdp=fsdp,
         fused_optimizer=fused_optimizer,
+        keep_gathered=keep_gathered,
     )
     state_bytes = PARAM_BYTES + GRAD_BYTES + OPTIM_BYTES
     fully_sharded = state_bytes * counts.total // world

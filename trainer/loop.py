@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from torch.distributed.fsdp import FSDPModule
 
 from dataloader.reader import DataExhausted
 from dataloader.source import build_source
@@ -38,6 +40,7 @@ from trainer.mesh import Mesh, build_mesh, init_distributed
 from trainer.model import Transformer, build_model, materialize
 from trainer.moe import MoE
 from trainer.parallelize import check_compile, clip_grad_norm_, parallelize
+from trainer.precision import ComputeCopies
 from trainer.resilience import CollectiveWatch, Preemption
 from trainer.run_state import RunState
 
@@ -72,11 +75,31 @@ class RunSummary:
         return {k: v for k, v in self.__dict__.items() if k != "losses"}
 
 
+# The CUDA caching allocator's setting the launchers run with, as torchtitan's do: segments
+# that grow in place fragment far less over a step's changing shapes (the dry run counts the
+# reserve that remains, trainer/dryrun.py ALLOCATOR_SLACK).
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_cuda_allocator() -> str:
+    """Sets PYTORCH_CUDA_ALLOC_CONF to `CUDA_ALLOC_CONF` unless the user set it; returns the
+    setting in force. Where CUDA has already started (a launcher bound the device before
+    the loop ran), the allocator read its settings then, so they are applied again."""
+    own = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if own is not None:
+        return own
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
+    if torch.cuda.is_initialized():
+        torch.cuda.memory._set_allocator_settings(CUDA_ALLOC_CONF)
+    return CUDA_ALLOC_CONF
+
+
 def pick_device(cfg: JobConfig, local_rank: int) -> torch.device:
     want = cfg.train.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA device is visible")
+        configure_cuda_allocator()  # before the device starts: its allocator reads it then
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -96,11 +119,24 @@ def lr_lambda(cfg: JobConfig) -> Callable[[int], float]:
     return f
 
 
-def build_optimizer(model: Transformer, cfg: JobConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms)."""
+def optimizer_kernel(device: torch.device) -> dict[str, bool]:
+    """AdamW's implementation on `device`: the fused kernel on CUDA (one pass over each
+    parameter, its gradient and both moments; it takes FSDP's DTensor parameters, and the
+    clip coefficient as its gradient scale), foreach elsewhere (the CPU path, kept as it
+    was: its results are what the CPU tests compare layouts by)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def build_optimizer(
+    model: Transformer, cfg: JobConfig, *, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms). `device` picks the kernel
+    (`optimizer_kernel`); default: the parameters' device."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     t = cfg.train
+    if device is None:
+        device = next(model.parameters()).device
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": t.weight_decay},
@@ -108,7 +144,7 @@ def build_optimizer(model: Transformer, cfg: JobConfig) -> torch.optim.Optimizer
         ],
         lr=t.lr,
         betas=(t.beta1, t.beta2),
-        foreach=True,
+        **optimizer_kernel(device),
     )
 
 
@@ -119,8 +155,23 @@ def uses_bf16(cfg: JobConfig, device: torch.device) -> bool:
 
 def fsdp_bf16(cfg: JobConfig, mesh: Mesh, device: torch.device) -> bool:
     """Whether FSDP computes in bf16 parameters (multi-rank bf16); else one process in bf16
-    uses autocast, and fp32 is fp32."""
+    computes in bf16 copies of its weights (`ComputeCopies`), and fp32 is fp32."""
     return mesh.fsdp and uses_bf16(cfg, device)
+
+
+# Where setup keeps the one-process bf16 compute copies (trainer/precision.py).
+COMPUTE_COPIES_KEY = "compute_copies"
+
+
+def keeps_gathered(mesh: Mesh) -> bool:
+    """Whether FSDP keeps each unit gathered and its gradients unreduced from one
+    micro-batch to the next: at dp_shard 1 (one rank, or pure replication) a unit's shard is
+    the whole unit, so gathering it once per step and reducing its gradients once per step
+    costs no memory and saves a cast-and-copy of every weight and a reduction of every
+    gradient at each other micro-batch. Sharded (dp_shard > 1), the gathered weights and the
+    unreduced gradients of the whole model would not fit, and each micro-batch gathers and
+    reduces as FSDP does by default."""
+    return mesh.fsdp and mesh.dp_shard == 1
 
 
 def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
@@ -161,15 +212,24 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
             f"({source.vocab_size})"
         )
     model = build_model(cfg.model)
+    reshard = cfg.parallel.reshard_after_forward
+    if keeps_gathered(mesh) and reshard == "default":
+        reshard = "never"  # see keeps_gathered: resharding a whole unit frees nothing
     parallelize(
         model,
         mesh,
         activation_checkpoint=cfg.train.activation_checkpoint,
         compile=cfg.train.compile,
         param_dtype=torch.bfloat16 if fsdp_bf16(cfg, mesh, device) else None,
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
+        reshard_after_forward=reshard,
         ep_exchange=cfg.parallel.ep_exchange,
     )
+    if keeps_gathered(mesh) and reshard == "never":
+        # parallelize reshards the embedding after its forward whatever is asked (it is
+        # large and used once); at dp_shard 1 that frees nothing.
+        emb = model.embed
+        if isinstance(emb, FSDPModule):
+            emb.set_reshard_after_forward(False)
     materialize(model, device=device, seed=cfg.train.seed)
     if cfg.checkpoint.init_from:
         from trainer.init_from import init_from
@@ -179,7 +239,7 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
         init_from(
             model, cfg.checkpoint, output_dir=cfg.run.output_dir, seed=cfg.train.seed, rank=rank
         )
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     guard = (
         LossGuard(spike_factor=cfg.train.spike_factor, max_bad_steps=cfg.train.max_bad_steps)
@@ -190,6 +250,8 @@ def setup(cfg: JobConfig, *, local_rank: int = 0) -> RunState:
         cfg.faults, output_dir=cfg.run.output_dir, rank=rank, resume=cfg.checkpoint.resume
     )
     state = RunState(cfg, mesh, device, model, optimizer, scheduler, source, guard, faults=faults)
+    if uses_bf16(cfg, device) and not mesh.fsdp:
+        state.extra[COMPUTE_COPIES_KEY] = ComputeCopies(model)
     # eval.* and distill.*: the evaluation set and the teacher, in state.extra.
     evaluate.attach(state)
     distill.attach(state)
@@ -268,16 +330,17 @@ def _phase(state: RunState, name: str) -> contextlib.AbstractContextManager[None
 
 
 def train_step(state: RunState) -> dict[str, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches. Returns device tensors (no sync)."""
+    """One optimizer step over grad_accum micro-batches. Returns device tensors (no sync).
+
+    bf16 compute: under FSDP the parameters are gathered in bf16 (MixedPrecisionPolicy) and
+    the master weights stay fp32; one process computes in bf16 copies of its fp32 weights
+    made once per step (`ComputeCopies`). At dp_shard 1 FSDP gathers each unit once per step
+    and reduces its gradients once per step (`keeps_gathered`).
+    """
     cfg, model, device = state.cfg, state.model, state.device
     accum = cfg.train.grad_accum
-    # bf16 in one process is autocast over fp32 weights; under FSDP the parameters are
-    # gathered in bf16 (MixedPrecisionPolicy) and the master weights stay fp32.
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if uses_bf16(cfg, device) and not state.mesh.fsdp
-        else contextlib.nullcontext()
-    )
+    copies: ComputeCopies | None = state.extra.get(COMPUTE_COPIES_KEY)
+    gathered = keeps_gathered(state.mesh) and isinstance(model, FSDPModule)
     acct = state.source if isinstance(state.source, AccountedSource) else None
     cursor_before = acct.cursor() if acct is not None else 0
     lm_sum = torch.zeros((), device=device)
@@ -288,29 +351,54 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     wait = 0.0
     # A loss fault the config asks for at this step (first pass only), or None.
     fault = state.faults.take(state.step + 1) if state.faults is not None else None
-    for _ in range(accum):
-        t0 = time.perf_counter()
-        rows = state.source.next_batch().to(device, non_blocking=True)
-        wait += time.perf_counter() - t0
-        inputs, targets = rows[:, :-1], rows[:, 1:]
-        with _phase(state, "forward/backward (MoE all-to-all, FSDP all-gather and reduce-scatter)"):
-            with autocast:
-                out = model(inputs)
-            lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
-            if fault is not None:
-                lm = lm * fault  # before backward: the gradients follow, as in a real one
-            objective = lm
-            if distiller is not None:
-                # (1 - alpha) CE + alpha T^2 KL(teacher || student), on the same inputs.
-                objective, kl = distiller.loss(inputs, out.logits, lm)
-                kl_sum += kl.detach()
-            loss = (objective + out.aux_loss + out.z_loss) / accum
-            loss.backward()
-        lm_sum += lm.detach()
-        aux_sum += out.aux_loss.detach()
-        z_sum += out.z_loss.detach()
+    if copies is not None:
+        copies.begin()
+    done = False
+    try:
+        for i in range(accum):
+            t0 = time.perf_counter()
+            rows = state.source.next_batch().to(device, non_blocking=True)
+            wait += time.perf_counter() - t0
+            inputs, targets = rows[:, :-1], rows[:, 1:]
+            if gathered:
+                assert isinstance(model, FSDPModule)
+                last = i == accum - 1
+                model.set_requires_gradient_sync(last)
+                model.set_reshard_after_backward(last)
+            with _phase(
+                state, "forward/backward (MoE all-to-all, FSDP all-gather and reduce-scatter)"
+            ):
+                if distiller is not None:
+                    out = model(inputs)
+                    lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+                else:
+                    out = model(
+                        inputs,
+                        targets,
+                        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+                        loss_kernel=cfg.train.loss_kernel,
+                    )
+                    lm = out.lm_loss
+                if fault is not None:
+                    lm = lm * fault  # before backward: the gradients follow, as in a real one
+                objective = lm
+                if distiller is not None:
+                    # (1 - alpha) CE + alpha T^2 KL(teacher || student), on the same inputs.
+                    objective, kl = distiller.loss(inputs, out.logits, lm)
+                    kl_sum += kl.detach()
+                loss = (objective + out.aux_loss + out.z_loss) / accum
+                loss.backward()
+            lm_sum += lm.detach()
+            aux_sum += out.aux_loss.detach()
+            z_sum += out.z_loss.detach()
+        done = True
+    finally:
+        if copies is not None:
+            copies.end(keep_grads=done)
     with _phase(state, "gradient-norm all-reduce (clip_grad_norm_)"):
-        grad_norm = clip_grad_norm_(model, state.mesh, cfg.train.grad_clip)
+        grad_norm = clip_grad_norm_(
+            model, state.mesh, cfg.train.grad_clip, optimizer=state.optimizer
+        )
     lr = state.optimizer.param_groups[0]["lr"]
 
     # One all-reduce per step carries the losses and the expert load of every MoE layer.

@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -22,6 +23,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from trainer.attention import Attention
 from trainer.config import ModelConfig
 from trainer.layers import RMSNorm, apply_rope, rope_tables
+from trainer.loss import LossKernel, linear_cross_entropy
 from trainer.mla import MLAttention
 from trainer.moe import GroupedExperts, MoE, Router, SwiGLU
 
@@ -54,9 +56,38 @@ class Block(nn.Module):
 
 @dataclass(frozen=True)
 class ModelOutput:
-    logits: Tensor  # [B, S, V]
+    logits: Tensor | None  # [B, S, V]; None when the forward was given targets
     aux_loss: Tensor  # summed over MoE layers, coefficient applied
     z_loss: Tensor
+    lm_loss: Tensor | None = None  # mean next-token cross-entropy, when given targets
+
+
+class OutputHead(nn.Module):
+    """The output projection to the vocabulary; given targets, it returns the loss instead
+    of the logits (`trainer.loss.linear_cross_entropy`), computed inside this module's
+    forward, where FSDP has gathered the weight."""
+
+    weight: Tensor  # [V, D]; tied embeddings assign the embedding's
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+
+    def forward(
+        self,
+        h_BSD: Tensor,
+        targets_BS: Tensor | None = None,
+        *,
+        chunk_tokens: int = 0,
+        kernel: LossKernel = "torch",
+    ) -> Tensor:
+        """Logits [B, S, V] of `h_BSD`; with `targets_BS`, their mean cross-entropy (fp32
+        scalar) computed `chunk_tokens` tokens at a time (0 = all) with `kernel`."""
+        if targets_BS is None:
+            return F.linear(h_BSD, self.weight)
+        return linear_cross_entropy(
+            h_BSD, self.weight, targets_BS, chunk_tokens=chunk_tokens, kernel=kernel
+        )
 
 
 class Transformer(nn.Module):
@@ -69,7 +100,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = OutputHead(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
@@ -81,13 +112,27 @@ class Transformer(nn.Module):
         # Through modules(), not the blocks' attributes: parallelize may wrap the blocks.
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, tokens_BS: Tensor) -> ModelOutput:
+    def forward(
+        self,
+        tokens_BS: Tensor,
+        targets_BS: Tensor | None = None,
+        *,
+        loss_chunk_tokens: int = 0,
+        loss_kernel: LossKernel = "torch",
+    ) -> ModelOutput:
+        """Logits of `tokens_BS` [B, S]; given `targets_BS` [B, S], the mean next-token
+        loss instead (`lm_loss`, no logits kept: `train.loss_chunk_tokens`,
+        `train.loss_kernel`)."""
         x = self.embed(tokens_BS)
         aux = z = x.new_zeros((), dtype=torch.float32)
         for block in self.layers:
             x, a, zl = block(x, self.rope_cos, self.rope_sin)
             aux, z = aux + a, z + zl
-        return ModelOutput(self.head(self.norm(x)), aux, z)
+        h = self.norm(x)
+        if targets_BS is None:
+            return ModelOutput(self.head(h), aux, z)
+        lm = self.head(h, targets_BS, chunk_tokens=loss_chunk_tokens, kernel=loss_kernel)
+        return ModelOutput(None, aux, z, lm_loss=lm)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:

@@ -326,7 +326,13 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def clip_grad_norm_(model: nn.Module, mesh: Mesh, max_norm: float) -> Tensor:
+def clip_grad_norm_(
+    model: nn.Module,
+    mesh: Mesh,
+    max_norm: float,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Tensor:
     """Clips by the global norm over dense and expert gradients; returns the norm (fp32).
 
     Every element of every parameter is held exactly once by the ranks of one `dp_shard`
@@ -334,19 +340,32 @@ def clip_grad_norm_(model: nn.Module, mesh: Mesh, max_norm: float) -> Tensor:
     `ep` ranks and sharded over its `efsdp` ranks (padding is not in the local shards). So
     the global square norm is one all-reduce over dp_shard of each rank's local sum of
     squares, for dense and expert gradients alike, on their own meshes or none.
+
+    One pass reads the gradients: a single foreach norm over every local gradient, in fp32
+    (gradients of another dtype are upcast inside the kernel, none is copied). The scaling
+    is a second pass, unless `optimizer` is a fused Adam or AdamW (CUDA): then the clip
+    coefficient goes to the optimizer as its gradient scale, which its fused kernel divides
+    each gradient by as it reads it, and the gradients are left as they are. No host sync.
     """
-    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [local(p.grad).detach() for p in model.parameters() if p.grad is not None]
     sq = torch.zeros((), device=local(next(model.parameters())).device, dtype=torch.float32)
-    if params:
-        grads = [local(p.grad).detach() for p in params if p.grad is not None]
-        norms = torch._foreach_norm([g.float() for g in grads], 2.0)
+    if grads:
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
         sq = torch.stack(norms).square().sum()
     if mesh.world_size > 1:
         dist.all_reduce(sq, group=mesh.group("dp_shard"))
     total = sq.sqrt()
-    if max_norm > 0 and params:
+    fused = optimizer is not None and any(g.get("fused") for g in optimizer.param_groups)
+    if fused:
+        assert optimizer is not None
+        # Set or cleared at every step: a stale scale must never reach the next step.
+        optimizer.grad_scale = None  # type: ignore[attr-defined]
+    if max_norm > 0 and grads:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([local(p.grad) for p in params if p.grad is not None], coef)
+        if fused:
+            optimizer.grad_scale = coef.reciprocal()  # type: ignore[union-attr]
+        else:
+            torch._foreach_mul_(grads, coef)
     return total
 
 
