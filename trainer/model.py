@@ -3,6 +3,18 @@
 Shape legend: B batch, S sequence, D model dim, H query heads, Hkv key/value heads,
 Dh head dim, V vocabulary.
 
+Multi-token prediction (`model.mtp.depth` > 0; DeepSeek-V3, section 2.2): after the main
+model, `depth` MTP modules run in sequence during training. Module k (1-based) combines, at
+each position i, the previous depth's representation h^{k-1}_i (h^0: the main model's final
+normalized hidden state) with the embedding of token t_{i+k}:
+h'_i = W [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)], then one transformer block and its own
+final norm give h^k_i, and the shared output head predicts t_{i+k+1}. The embedding and the
+head are the main model's own parameters. Depth k has S - k positions (the last k have no
+target) and its rotary positions are those of the tokens it embeds, i + k. The projection's
+input order (embedding first) and the use of the normalized h^0 are those of the released
+DeepSeek-V3 weights as transformers' MtpModel, vLLM and SGLang run them. The modules are
+training-only: in eval mode the forward skips them.
+
 Build on the meta device, `parallelize`, then `materialize`: weights are drawn per parameter
 (and per expert, by global id) from the seed, so the initial model does not depend on the
 parallel layout.
@@ -15,6 +27,7 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -25,11 +38,23 @@ from trainer.layers import RMSNorm, apply_rope, rope_tables
 from trainer.mla import MLAttention
 from trainer.moe import GroupedExperts, MoE, SwiGLU
 
-__all__ = ["Attention", "RMSNorm", "Transformer", "apply_rope", "build_model", "materialize"]
+__all__ = [
+    "Attention",
+    "MTPModule",
+    "RMSNorm",
+    "Transformer",
+    "apply_rope",
+    "build_model",
+    "materialize",
+    "mtp_cross_entropy",
+]
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    """Pre-norm transformer block: attention, then a dense SwiGLU or an MoE feed-forward
+    (MoE from layer model.num_dense_layers on, unless `moe` says)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, *, moe: bool | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.attention == "mla":
@@ -37,7 +62,7 @@ class Block(nn.Module):
         else:
             self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.is_moe = layer_id >= cfg.num_dense_layers
+        self.is_moe = layer_id >= cfg.num_dense_layers if moe is None else moe
         self.ffn: nn.Module = (
             MoE(cfg.dim, cfg.moe) if self.is_moe else SwiGLU(cfg.dim, cfg.dense_hidden)
         )
@@ -52,11 +77,42 @@ class Block(nn.Module):
         return x + self.ffn(h), zero, zero
 
 
+class MTPModule(nn.Module):
+    """One multi-token prediction depth (see the module docstring).
+
+    Parameters: enorm, hnorm [D] (the token embedding's and the hidden state's norms), proj
+    [D, 2D] (DeepSeek's eh_proj, embedding half first), block (a transformer block: MoE, or
+    dense with model.mtp.moe false), norm [D] (the final norm before the shared head).
+    """
+
+    def __init__(self, cfg: ModelConfig, depth: int) -> None:
+        super().__init__()
+        D = cfg.dim
+        self.enorm = RMSNorm(D, cfg.norm_eps)
+        self.hnorm = RMSNorm(D, cfg.norm_eps)
+        self.proj = nn.Linear(2 * D, D, bias=False)
+        self.block = Block(cfg, cfg.num_layers + depth - 1, moe=cfg.mtp.moe)
+        self.norm = RMSNorm(D, cfg.norm_eps)
+
+    def forward(
+        self, h_BSD: Tensor, e_BSD: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """h_BSD: the previous depth's normalized output; e_BSD: the embeddings of the tokens
+        k ahead, aligned with it; cos, sin: rotary tables from position k on. Returns this
+        depth's normalized output [B, S, D] and its block's aux and z losses."""
+        x = self.proj(torch.cat([self.enorm(e_BSD), self.hnorm(h_BSD)], dim=-1))
+        x, aux, z = self.block(x, cos, sin)
+        return self.norm(x), aux, z
+
+
 @dataclass(frozen=True)
 class ModelOutput:
     logits: Tensor  # [B, S, V]
-    aux_loss: Tensor  # summed over MoE layers, coefficient applied
+    aux_loss: Tensor  # summed over MoE layers (the MTP blocks' included), coefficient applied
     z_loss: Tensor
+    hidden: Tensor | None = None  # [B, S, D] the final normalized hidden state
+    # Training only: depth k's normalized output [B, S - k, D], k = 1 .. model.mtp.depth.
+    mtp_hidden: tuple[Tensor, ...] = ()
 
 
 class Transformer(nn.Module):
@@ -72,8 +128,11 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Training-only multi-token prediction; an empty list (no parameters) when off.
+        self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp.depth + 1))
+        cos, sin = rope_tables(
+            cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling
+        )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -82,12 +141,45 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def forward(self, tokens_BS: Tensor) -> ModelOutput:
-        x = self.embed(tokens_BS)
+        """tokens_BS [B, S] -> logits [B, S, V], the MoE losses, the final normalized hidden
+        state and (training, model.mtp.depth > 0) each MTP depth's output."""
+        e_BSD = self.embed(tokens_BS)
+        x = e_BSD
         aux = z = x.new_zeros((), dtype=torch.float32)
         for block in self.layers:
             x, a, zl = block(x, self.rope_cos, self.rope_sin)
             aux, z = aux + a, z + zl
-        return ModelOutput(self.head(self.norm(x)), aux, z)
+        h_BSD = self.norm(x)
+        mtp_hidden: list[Tensor] = []
+        if self.training and len(self.mtp):
+            S = tokens_BS.shape[1]
+            assert len(self.mtp) < S, f"a sequence of {S} tokens has no target at MTP depth {S}"
+            h = h_BSD
+            for k, module in enumerate(self.mtp, start=1):
+                # Positions 0 .. S-k-1 of depth k: h^{k-1} there, the embeddings of tokens
+                # k .. S-1 (all among the inputs), rotary positions k .. S-1.
+                h, a, zl = module(h[:, : S - k], e_BSD[:, k:], self.rope_cos[k:], self.rope_sin[k:])
+                aux, z = aux + a, z + zl
+                mtp_hidden.append(h)
+        return ModelOutput(self.head(h_BSD), aux, z, h_BSD, tuple(mtp_hidden))
+
+
+def mtp_cross_entropy(
+    head: nn.Module, mtp_hidden: tuple[Tensor, ...], targets_BS: Tensor
+) -> Tensor:
+    """Each MTP depth's mean next-token cross-entropy, fp32 [depth] ([0] when MTP is off).
+
+    mtp_hidden: `ModelOutput.mtp_hidden` (depth k's [B, S - k, D]); targets_BS: the main
+    model's targets (token i + 1 for input position i). Depth k's position i predicts
+    targets_BS[:, i + k], the token k + 1 ahead of input i, through the shared `head`.
+    """
+    losses = [
+        F.cross_entropy(head(h).float().flatten(0, 1), targets_BS[:, k:].flatten())
+        for k, h in enumerate(mtp_hidden, start=1)
+    ]
+    if not losses:
+        return targets_BS.new_zeros(0, dtype=torch.float32)
+    return torch.stack(losses)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -155,8 +247,7 @@ def init_weights(model: Transformer, seed: int) -> None:
         moe.router.expert_bias.zero_()
         moe.routed_E.zero_()
         moe.dropped.zero_()
-    rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
-    cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
 

@@ -195,6 +195,8 @@ def apply_activation_checkpoint(model: Transformer, mode: str) -> None:
         kw["context_fn"] = _selective_context
     for i, block in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kw)
+    for mtp in model.mtp:  # the MTP modules' blocks, like the main ones
+        mtp.block = checkpoint_wrapper(mtp.block, preserve_rng_state=False, **kw)
 
 
 def apply_compile(model: Transformer) -> None:
@@ -212,6 +214,8 @@ def apply_compile(model: Transformer) -> None:
         )
     for i, block in enumerate(model.layers):
         model.layers[i] = torch.compile(block, fullgraph=False)  # type: ignore[assignment]
+    for mtp in model.mtp:
+        mtp.block = torch.compile(mtp.block, fullgraph=False)  # type: ignore[assignment]
 
 
 def _expert_placement(param: nn.Parameter) -> Shard:
@@ -246,12 +250,14 @@ def apply_fsdp(
     )
     dense_mesh = mesh.dense_fsdp_mesh()
     expert_mesh = mesh.expert_fsdp_mesh()
-    last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
-        # The last block's backward comes right after its forward: gathering it again would
+    # Units in forward order: the blocks, then the MTP modules (each with its block).
+    units: list[tuple[nn.Module, Block]] = [(b, _unwrap(b)) for b in model.layers]
+    units += [(mtp, _unwrap(mtp.block)) for mtp in model.mtp]
+    last = len(units) - 1
+    for i, (unit, inner) in enumerate(units):
+        # The last unit's backward comes right after its forward: gathering it again would
         # only cost an all-gather (unless always is asked for).
         reshard = {"always": True, "never": False}.get(reshard_after_forward, i != last)
-        inner = _unwrap(block)
         ffn = inner.ffn
         experts = getattr(ffn, "experts", None)
         # At EP = 1 the experts are sharded like every other weight (efsdp = dp_shard, and the
@@ -268,7 +274,7 @@ def apply_fsdp(
             assert isinstance(experts, FSDPModule)
             experts.set_gradient_divide_factor(float(mesh.world_size))
         fully_shard(
-            block,
+            unit,
             mesh=dense_mesh,
             mp_policy=mp,
             reshard_after_forward=reshard,
