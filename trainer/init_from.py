@@ -1,5 +1,10 @@
-"""`checkpoint.init_from`: the weights of a new run from a transformers checkpoint or a
-moeyard one, at any parallel layout; `checkpoint.upcycle`: an MoE from a dense one.
+"""`checkpoint.init_from`: the weights of a new run from a transformers checkpoint (Mixtral,
+Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3; `trainer/hf.py`'s tables) or a moeyard one, at any
+parallel layout; `checkpoint.upcycle`: an MoE from a dense one.
+
+DeepSeek-V3's MTP layers (after the last layer) fill the preset's `model.mtp.depth`
+modules; layers beyond it are left unread with a note, fewer than it is an error, and the
+copies of the embedding and head they hold are checked equal to the main ones.
 
 Called on every rank after `materialize` (the model is parallelized: experts sliced by
 global id, parameters possibly DTensors) and before resume, which wins when the run's

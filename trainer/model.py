@@ -91,7 +91,8 @@ class MTPModule(nn.Module):
         self.enorm = RMSNorm(D, cfg.norm_eps)
         self.hnorm = RMSNorm(D, cfg.norm_eps)
         self.proj = nn.Linear(2 * D, D, bias=False)
-        self.block = Block(cfg, cfg.num_layers + depth - 1, moe=cfg.mtp.moe)
+        # nn.Module: parallelize may wrap it (activation checkpointing, compile).
+        self.block: nn.Module = Block(cfg, cfg.num_layers + depth - 1, moe=cfg.mtp.moe)
         self.norm = RMSNorm(D, cfg.norm_eps)
 
     def forward(
@@ -135,6 +136,10 @@ class Transformer(nn.Module):
         )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def mtp_modules(self) -> list[MTPModule]:
+        """The MTP modules, depth 1 first (none when model.mtp.depth is 0)."""
+        return [m for m in self.mtp if isinstance(m, MTPModule)]
 
     def moe_layers(self) -> list[MoE]:
         # Through modules(), not the blocks' attributes: parallelize may wrap the blocks.

@@ -3,12 +3,16 @@
 `parallelize` runs before `materialize`, in this fixed order:
   1. expert parallelism: each MoE layer keeps the experts of its EP rank and gets the
      all-to-all dispatcher (EP > 1) or the local one (EP = 1);
-  2. activation checkpointing per transformer block (`train.activation_checkpoint`);
-  3. `torch.compile` per block (`train.compile`);
+  2. activation checkpointing per transformer block (`train.activation_checkpoint`), the
+     MTP modules' blocks included;
+  3. `torch.compile` per block (`train.compile`), the MTP modules' blocks included;
   4. FSDP2 (`fully_shard`): each MoE layer's experts over `efsdp` (HSDP: x dp_replicate;
-     at EP = 1 they stay in their block's unit), then each block, the embedding and the
-     output head over `dp_shard` (HSDP: x dp_replicate), then the root. Parameters become DTensors; gradients are reduce-scattered
-     in backward, overlapped with it.
+     at EP = 1 they stay in their block's unit), then each block and each MTP module (its
+     norms, projection and block; multi-token prediction), the embedding and the output
+     head over `dp_shard` (HSDP: x dp_replicate), then the root. The MTP modules share the
+     embedding and head units with the main model: the head runs once more per depth, and
+     FSDP reduces its gradient over both uses. Parameters become DTensors; gradients are
+     reduce-scattered in backward, overlapped with it.
 
 Gradient scale: each rank's loss is the mean over its own tokens, and the training loss is
 the mean over ranks. A dense gradient is therefore the average over the world, which is what
@@ -195,7 +199,7 @@ def apply_activation_checkpoint(model: Transformer, mode: str) -> None:
         kw["context_fn"] = _selective_context
     for i, block in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kw)
-    for mtp in model.mtp:  # the MTP modules' blocks, like the main ones
+    for mtp in model.mtp_modules():  # the MTP modules' blocks, like the main ones
         mtp.block = checkpoint_wrapper(mtp.block, preserve_rng_state=False, **kw)
 
 
@@ -214,7 +218,7 @@ def apply_compile(model: Transformer) -> None:
         )
     for i, block in enumerate(model.layers):
         model.layers[i] = torch.compile(block, fullgraph=False)  # type: ignore[assignment]
-    for mtp in model.mtp:
+    for mtp in model.mtp_modules():
         mtp.block = torch.compile(mtp.block, fullgraph=False)  # type: ignore[assignment]
 
 
@@ -252,7 +256,7 @@ def apply_fsdp(
     expert_mesh = mesh.expert_fsdp_mesh()
     # Units in forward order: the blocks, then the MTP modules (each with its block).
     units: list[tuple[nn.Module, Block]] = [(b, _unwrap(b)) for b in model.layers]
-    units += [(mtp, _unwrap(mtp.block)) for mtp in model.mtp]
+    units += [(mtp, _unwrap(mtp.block)) for mtp in model.mtp_modules()]
     last = len(units) - 1
     for i, (unit, inner) in enumerate(units):
         # The last unit's backward comes right after its forward: gathering it again would
