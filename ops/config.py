@@ -32,6 +32,25 @@ class OpsConfig:
     # Keep the client endpoint up this long after the last step so a scrape can collect the
     # final values of a short run.
     prometheus_linger_s: float = 0.0
+    # TensorBoard event files under run.output_dir/tensorboard/ (rank 0): every scalar of the
+    # record, a histogram of each MoE layer's expert load, the resolved config as text.
+    # Needs the `trackers` extra (tensorboard, google-crc32c).
+    tensorboard: bool = False
+    # A Weights & Biases run (rank 0): the same scalars, the resolved config as the run config,
+    # the expert-load heat map as an image. Needs the `trackers` extra (wandb). The API key
+    # comes from the environment (WANDB_API_KEY) only.
+    wandb: bool = False
+    wandb_project: str = "moeyard"
+    wandb_entity: str = ""  # "" = the API key's default entity
+    # "online" streams to the W&B server; "offline" writes the run's files locally only (no
+    # network; upload them later with `wandb sync`).
+    wandb_mode: Literal["online", "offline"] = "online"
+    # Local folder for W&B's files. "" = run.output_dir when that is a local path, else a
+    # folder under the system's temporary directory (the path is printed at start).
+    wandb_dir: str = ""
+    # The expert-load heat map image: at every evaluation step and every this many logged
+    # steps; 0 = at evaluation steps only.
+    wandb_image_every: int = 100
 
     def __post_init__(self) -> None:
         if not 1 <= self.prometheus_port <= 65535:
@@ -46,6 +65,10 @@ class OpsConfig:
             raise OpsConfigError(f"ops.peak_tflops ({self.peak_tflops}) must be >= 0")
         if not self.prometheus_host:
             raise OpsConfigError("ops.prometheus_host must not be empty")
+        if self.wandb_image_every < 0:
+            raise OpsConfigError(f"ops.wandb_image_every ({self.wandb_image_every}) must be >= 0")
+        if self.wandb and not self.wandb_project:
+            raise OpsConfigError("ops.wandb_project must not be empty when ops.wandb is true")
         defaults = {f.name: f.default for f in fields(OpsConfig)}
 
         def ignored(keys: tuple[str, ...], why: str) -> None:
@@ -64,3 +87,14 @@ class OpsConfig:
             ignored(("prometheus_host", "prometheus_port"), "ops.prometheus is 'ray'")
         if not self.telemetry:
             ignored(("rapl_root",), "ops.telemetry is false")
+        if not self.wandb:
+            ignored(
+                (
+                    "wandb_project",
+                    "wandb_entity",
+                    "wandb_mode",
+                    "wandb_dir",
+                    "wandb_image_every",
+                ),
+                "ops.wandb is false",
+            )

@@ -381,3 +381,40 @@ def test_a_deepseek_v2_shaped_training_run_exports(tmp_path):
     torch.testing.assert_close(
         hf_logits(str(tmp_path / "hf"), tokens), _logits(model, tokens), rtol=0, atol=TOL
     )
+
+
+def test_the_demo_run_exports_as_mixtral(tmp_path):
+    """The next step after `make demo`: a run of the tiny preset with its own routing
+    settings exports with --format hf, and transformers computes the same logits."""
+    from cluster.cli import main as moeyard
+    from trainer.checkpoint import consolidated_model_state, read_objects
+    from trainer.export import _config_from_yaml
+    from trainer.loop import run
+
+    out = str(tmp_path / "run")
+    run(
+        load_config(
+            ROOT / "infra" / "runs" / "tiny.yaml",
+            [
+                f"run.output_dir={out}",
+                "train.steps=2",
+                "checkpoint.every=2",
+                "checkpoint.async_save=false",
+                "data.corpus_max_bytes=60000",
+                "ops.stdout=false",
+                "ops.telemetry=false",
+                "parallel.ep=1",
+            ],
+            ignore_sections=("cluster",),
+        )
+    )
+    hf = str(tmp_path / "hf")
+    assert moeyard(["export", out, "--format", "hf", "--out", hf]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    ckpt = f"{out}/checkpoints/step-00000002"
+    cfg = _config_from_yaml(read_objects(ckpt, ["meta.config"])["meta.config"])
+    model = Transformer(cfg.model)
+    model.load_state_dict(consolidated_model_state(ckpt), strict=True)
+    tokens = _tokens(cfg.model.vocab_size, seed=7)
+    torch.testing.assert_close(hf_logits(hf, tokens), _logits(model, tokens), rtol=0, atol=TOL)

@@ -4,6 +4,7 @@ routing churn on the probe, window load percentiles, the collapse warning, and b
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -86,30 +87,49 @@ def test_churn_on_the_probe_by_hand():
 
 
 def test_window_percentiles_and_collapse_warning_by_hand():
-    h = RouterHealth(MoEConfig(num_experts=4, collapse_idle_logs=2, collapse_cv=0.0))
+    h = RouterHealth(
+        MoEConfig(num_experts=4, collapse_idle_logs=2, collapse_cv=0.0, collapse_warmup_steps=0)
+    )
     h.observe(torch.tensor([[4.0, 4, 0, 0]]))  # max/mean 4 / 2 = 2
     h.observe(torch.tensor([[6.0, 2, 0, 0]]))  # 3
-    (w,) = h.window([])
+    (w,) = h.window([], 2)
     assert w["max_over_mean_p50"] == pytest.approx(2.5)
     assert w["max_over_mean_p90"] == pytest.approx(2.9)
     assert w["max_over_mean_max"] == pytest.approx(3.0)
     assert w["idle_logs"] == 1 and not w["collapse"] and w["warning"] is None
     h.observe(torch.tensor([[5.0, 5, 0, 2]]))  # expert 2 idle again, expert 3 not
-    (w,) = h.window([])
+    (w,) = h.window([], 3)
     assert w["idle_logs"] == 2 and w["collapse"]
     assert "expert(s) [2] got no token for 2 logged steps" in w["warning"]
     h.observe(torch.tensor([[5.0, 5, 0, 2]]))
-    (w,) = h.window([])
+    (w,) = h.window([], 4)
     assert w["collapse"] and w["idle_logs"] == 3 and w["warning"] is None  # said once
     # CV: load [8, 0, 0, 0]: mean 2, std sqrt((36 + 3 * 4) / 4) = sqrt(12), CV 1.73.
-    cv = RouterHealth(MoEConfig(num_experts=4, collapse_idle_logs=0, collapse_cv=1.5))
+    cv = RouterHealth(
+        MoEConfig(num_experts=4, collapse_idle_logs=0, collapse_cv=1.5, collapse_warmup_steps=0)
+    )
     cv.observe(torch.tensor([[8.0, 0, 0, 0]]))
-    (w,) = cv.window([])
+    (w,) = cv.window([], 1)
     assert w["window_cv"] == pytest.approx(math.sqrt(12) / 2)
     assert (
         w["collapse"]
         and "load CV over the window 1.73 > model.moe.collapse_cv (1.5)" in (w["warning"])
     )
+
+
+def test_the_warmup_holds_the_warning_back_and_idle_runs_count_from_the_start():
+    """Windows ending at or before step collapse_warmup_steps never collapse; the first one
+    after names the expert idle since step 1 with its whole run."""
+    h = RouterHealth(MoEConfig(num_experts=4, collapse_idle_logs=2, collapse_warmup_steps=4))
+    for step in (2, 4):
+        h.observe(torch.tensor([[8.0, 0, 0, 0]]))  # CV 1.73 > 1, experts 1-3 idle
+        (w,) = h.window([], step)
+        assert not w["collapse"] and w["warning"] is None, step
+        assert w["window_cv"] > 1
+    h.observe(torch.tensor([[8.0, 0, 0, 0]]))
+    (w,) = h.window([], 6)
+    assert w["collapse"] and w["idle_logs"] == 3
+    assert "expert(s) [1, 2, 3] got no token for 3 logged steps" in w["warning"]
 
 
 def test_run_logs_router_health_and_warns_in_the_job_log(tmp_path, capsys):
@@ -125,6 +145,7 @@ def test_run_logs_router_health_and_warns_in_the_job_log(tmp_path, capsys):
             f"run.output_dir={tmp_path}",
             "ops.stdout=false",
             "model.moe.collapse_cv=0.0001",  # any uneven load counts as collapse here
+            "model.moe.collapse_warmup_steps=1",
         ],
     )
     run(cfg)
@@ -148,6 +169,10 @@ def test_run_logs_router_health_and_warns_in_the_job_log(tmp_path, capsys):
         (["model.moe.aux_loss_scope=token"], "model.moe.aux_loss_scope"),
         (["model.moe.collapse_cv=-1"], "model.moe.collapse_cv (-1.0) must be >= 0"),
         (["model.moe.collapse_idle_logs=-2"], "model.moe.collapse_idle_logs (-2) must be >= 0"),
+        (
+            ["model.moe.collapse_warmup_steps=-1"],
+            "model.moe.collapse_warmup_steps (-1) must be >= 0",
+        ),
         (["model.moe.churn_probe_tokens=-1"], "model.moe.churn_probe_tokens (-1) must be >= 0"),
         (["model.moe.drop_policy=random"], "model.moe.drop_policy"),
     ],
@@ -161,3 +186,82 @@ def test_bad_router_health_keys_name_themselves(overrides, needle):
 def test_drop_policy_without_capacity_warns():
     with pytest.warns(UserWarning, match=r"model.moe.drop_policy \(token_order\) is ignored"):
         load_config("infra/runs/tiny.yaml", ["model.moe.drop_policy=token_order"])
+
+
+def _tiny(tmp_path, overrides: list[str]):
+    return load_config(
+        "infra/runs/tiny.yaml",
+        [
+            "parallel.ep=1",
+            "train.micro_batch_size=8",  # the demo's global batch: 2 workers x 4 rows
+            f"run.output_dir={tmp_path}",
+            "ops.stdout=false",
+            "ops.telemetry=false",
+            *overrides,
+        ],
+    )
+
+
+def test_a_fresh_router_is_quiet_for_the_warmup_and_a_collapsed_one_fires(tmp_path, capsys):
+    """The same uneven start (a threshold every fresh window exceeds) warns with the warm-up
+    off and stays quiet under it; a router forced to collapse (gates zeroed, so every token
+    ties and takes experts 0 and 1) is named after the warm-up, in the job log and in the
+    record's `collapse` flag (the moeyard_router_collapse series that MoeyardRouterCollapse
+    alerts on; the rule's own promtool test is in test_ops_prometheus.py)."""
+    from ops.sinks import read_metrics
+    from trainer.loop import begin, end, run, setup, train
+
+    uneven = ["train.steps=4", "model.moe.collapse_cv=0.2", "model.moe.collapse_idle_logs=0"]
+    run(_tiny(tmp_path / "on", [*uneven, "model.moe.collapse_warmup_steps=0"]))
+    assert "step 1: router collapse" in capsys.readouterr().out
+    run(_tiny(tmp_path / "quiet", uneven))  # the default warm-up, 20 steps
+    assert "router collapse" not in capsys.readouterr().out
+    recs = read_metrics(f"{tmp_path}/quiet/metrics.jsonl")
+    assert all(layer["window_cv"] > 0.2 and not layer["collapse"] for layer in recs[0]["moe"])
+
+    cfg = _tiny(
+        tmp_path / "collapsed",
+        [
+            "train.steps=6",
+            "train.lr=1e-12",
+            "model.moe.collapse_warmup_steps=3",
+            "model.moe.collapse_idle_logs=3",
+        ],
+    )
+    state = setup(cfg)
+    with torch.no_grad():
+        for moe in state.model.moe_layers():
+            moe.router.weight.zero_()
+    session = begin(state, local_rank=0, sinks=None, on_checkpoint=None, placement=None)
+    try:
+        train(state, session)
+    finally:
+        end(state, session)
+    log = capsys.readouterr().out
+    assert "step 3: router collapse" not in log
+    # Ties go to two experts (which two is top-k's business); the other six starve.
+    idle = re.search(
+        r"step 4: router collapse: MoE layer 0: expert\(s\) \[([\d, ]+)\] got no token for 4 "
+        r"logged steps \(model.moe.collapse_idle_logs = 3\); load CV over the window 1.73",
+        log,
+    )
+    assert idle is not None, log
+    assert len(idle.group(1).split(",")) == 6
+    recs = read_metrics(f"{tmp_path}/collapsed/metrics.jsonl")
+    assert [r["moe"][0]["collapse"] for r in recs] == [False] * 3 + [True] * 3
+
+
+def test_the_tiny_preset_trains_balanced(tmp_path, capsys):
+    """What `make demo` trains (its global batch, 50 steps) keeps every expert in use: no
+    collapse line, and at the last step (the report's heat map) every expert has at least a
+    tenth of the mean load."""
+    from ops.sinks import read_metrics
+    from trainer.loop import run
+
+    run(_tiny(tmp_path, []))
+    assert "router collapse" not in capsys.readouterr().out
+    recs = read_metrics(f"{tmp_path}/metrics.jsonl")
+    assert recs[-1]["step"] == 50
+    for layer in recs[-1]["moe"]:
+        tokens = layer["tokens"]
+        assert min(tokens) >= 0.1 * sum(tokens) / len(tokens), tokens

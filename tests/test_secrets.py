@@ -1,6 +1,7 @@
 """No credential leaks: a run that reads shards from S3 and writes its outputs to S3 with the
-test endpoint's keys (and a Grafana token in its environment) is searched, byte for byte, in
-every object it wrote, its stdout and stderr, the ops page and API served for its run
+test endpoint's keys (and a Grafana token and a W&B API key in its environment) is searched,
+byte for byte, in every object it wrote (its TensorBoard event files among them), every file
+of its W&B offline run, its stdout and stderr, the ops page and API served for its run
 directory, and the text of its Prometheus endpoint; none holds a credential. The servers
 bind to 127.0.0.1 by default."""
 
@@ -22,7 +23,8 @@ from trainer.loop import run
 
 PRESET = Path(__file__).resolve().parents[1] / "infra" / "runs" / "tiny.yaml"
 GRAFANA_TOKEN = "glsa_moeyard-test-grafana-token"
-SECRETS = (TEST_KEY_ID, TEST_SECRET, GRAFANA_TOKEN)
+WANDB_API_KEY = "moeyard0test0wandb0api0key0d41d8cd98f00b2"  # 40 characters, as W&B's
+SECRETS = (TEST_KEY_ID, TEST_SECRET, GRAFANA_TOKEN, WANDB_API_KEY)
 
 
 def free_port() -> int:
@@ -77,6 +79,8 @@ class Scraper:
 
 def test_no_credential_in_any_artifact(s3_bucket, tmp_path, monkeypatch, capfd) -> None:
     monkeypatch.setenv("GRAFANA_TOKEN", GRAFANA_TOKEN)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_API_KEY)
+    wandb_dir = tmp_path / "wandb"
     data = f"{s3_bucket}/data"
     prepare(
         [str(Path(sysconfig.get_paths()["stdlib"]) / "json")],
@@ -99,6 +103,10 @@ def test_no_credential_in_any_artifact(s3_bucket, tmp_path, monkeypatch, capfd) 
             "ops.prometheus=client",
             f"ops.prometheus_port={port}",
             "ops.prometheus_linger_s=1.0",
+            "ops.tensorboard=true",
+            "ops.wandb=true",
+            "ops.wandb_mode=offline",
+            f"ops.wandb_dir={wandb_dir}",
         ],
         ignore_sections=("cluster",),
     )
@@ -115,9 +123,23 @@ def test_no_credential_in_any_artifact(s3_bucket, tmp_path, monkeypatch, capfd) 
     objects = fs.find(root)
     names = {o.rsplit("/", 1)[-1] for o in objects}
     # What the run is contracted to write is all there, so the search covered it.
-    assert {"metrics.jsonl", "config.yaml", "placement.json", "summary.json", ".metadata"} <= names
+    assert {
+        "metrics.jsonl",
+        "config.yaml",
+        "placement.json",
+        "summary.json",
+        ".metadata",
+        "wandb_run.json",
+    } <= names
+    assert any("tfevents" in n for n in names), names
     for obj in objects:
         found += leaks(fs.cat_file(obj), obj)
+    # The W&B offline run: its transaction log, config, logs and media.
+    wandb_files = [p for p in wandb_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.suffix == ".wandb" for p in wandb_files), wandb_files
+    assert any(p.name == "debug-internal.log" for p in wandb_files), wandb_files
+    for p in wandb_files:
+        found += leaks(p.read_bytes(), str(p))
 
     said = capfd.readouterr()
     assert "step 4" in said.out  # the captured output is the run's

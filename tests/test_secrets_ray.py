@@ -3,11 +3,13 @@ submit`, whose entrypoint `python -m cluster.launch` runs a Ray Train V2 TorchTr
 local head: one succeeds, writing to the local S3 endpoint; one fails, its data on an S3
 endpoint where nothing listens. S3 keys made up for this run are the head's own (the
 environment `ray start` was given, which the jobs' processes inherit) and are in the
-submitting shell too, and every process of the head has a Grafana token in its environment.
+submitting shell too, and every process of the head has a Grafana token and a W&B API key in
+its environment.
 Searched byte for byte:
 
 - every object the jobs wrote on S3 (metrics.jsonl, summary.json, placement.json, config.yaml
-  beside the checkpoints, the checkpoint files, Ray Train's records);
+  beside the checkpoints, the checkpoint files, the TensorBoard event files, Ray Train's
+  records) and every file of the W&B offline run the succeeding job wrote;
 - the output of `moeyard submit`, both driver logs, the failing job's message;
 - every file in the head's session folder (worker, driver, raylet, GCS, dashboard, job-agent
   logs, the unpacked working dir);
@@ -53,12 +55,14 @@ class Creds:
     key_id: str
     secret: str
     grafana: str
+    wandb: str
 
     def named(self) -> dict[str, str]:
         return {
             "the S3 key id": self.key_id,
             "the S3 secret key": self.secret,
             "the Grafana token": self.grafana,
+            "the W&B API key": self.wandb,
         }
 
 
@@ -116,9 +120,11 @@ def creds() -> Iterator[Creds]:
         key_id="AKIA" + secrets.token_hex(8).upper(),
         secret="moeyardS3" + secrets.token_hex(16),
         grafana="glsa_" + secrets.token_hex(16),
+        wandb=secrets.token_hex(20),  # 40 characters, as W&B's keys
     )
     mp = pytest.MonkeyPatch()
     mp.setenv("GRAFANA_TOKEN", c.grafana)
+    mp.setenv("WANDB_API_KEY", c.wandb)
     try:
         yield c
     finally:
@@ -242,10 +248,13 @@ RUNTIME_ENV_AGENT_LOG = "logs/runtime_env_agent"
 
 
 @pytest.fixture(scope="module")
-def jobs(creds: Creds, ray_head: str, s3_server) -> Iterator[JobArtifacts]:
-    """One job that succeeds and one whose S3 endpoint is unreachable, submitted with
-    `moeyard submit` from a shell that holds the keys too; then everything they left."""
+def jobs(creds: Creds, ray_head: str, s3_server, tmp_path_factory) -> Iterator[JobArtifacts]:
+    """One job that succeeds (TensorBoard and W&B offline on) and one whose S3 endpoint is
+    unreachable, submitted with `moeyard submit` from a shell that holds the keys too; then
+    everything they left."""
     import s3fs
+
+    wandb_dir = tmp_path_factory.mktemp("wandb-ray")
     from ray.job_submission import JobSubmissionClient
 
     mp = pytest.MonkeyPatch()
@@ -260,6 +269,7 @@ def jobs(creds: Creds, ray_head: str, s3_server) -> Iterator[JobArtifacts]:
         # The token and the keys are really there for the job's processes to leak.
         for entry in (
             f"GRAFANA_TOKEN={creds.grafana}",
+            f"WANDB_API_KEY={creds.wandb}",
             f"AWS_ACCESS_KEY_ID={creds.key_id}",
             f"AWS_SECRET_ACCESS_KEY={creds.secret}",
         ):
@@ -275,6 +285,10 @@ def jobs(creds: Creds, ray_head: str, s3_server) -> Iterator[JobArtifacts]:
             *ONE_WORKER,
             *FAST,
             f"run.output_dir=s3://{bucket}/runs/secret",
+            "ops.tensorboard=true",
+            "ops.wandb=true",
+            "ops.wandb_mode=offline",
+            f"ops.wandb_dir={wandb_dir}",
         )
         moeyard_blobs["moeyard submit's output"] = said.encode()
         assert "not passing AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY from this shell" in said
@@ -317,6 +331,12 @@ def jobs(creds: Creds, ray_head: str, s3_server) -> Iterator[JobArtifacts]:
         ), names
         for obj in objects:
             moeyard_blobs[f"s3://{obj}"] = fs.cat_file(obj)
+        assert any("tfevents" in n for n in names), names
+        # The W&B offline run the job wrote on this node (the head is its only node).
+        wandb_files = read_tree(wandb_dir)
+        assert any(n.endswith(".wandb") for n in wandb_files), sorted(wandb_files)
+        for where, data in wandb_files.items():
+            moeyard_blobs[f"the job's W&B files: {where}"] = data
 
         assert bodies and b"ray_" in bodies[-1], "no Prometheus text from the head"
         for i, body in enumerate(bodies):

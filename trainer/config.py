@@ -86,6 +86,10 @@ class MoEConfig:
     churn_probe_tokens: int = 256
     collapse_idle_logs: int = 5
     collapse_cv: float = 1.0
+    # No collapse warning (nor `collapse` flag) at or before this training step: a fresh
+    # router over the first small windows is uneven without being collapsed. The figures
+    # are still computed and logged, and an expert idle since the start still counts.
+    collapse_warmup_steps: int = 20
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, f"model.moe.num_experts ({self.num_experts}) must be >= 1")
@@ -129,7 +133,7 @@ class MoEConfig:
             "model.moe loss coefficients must be >= 0",
         )
         _require(self.bias_update_rate >= 0, "model.moe.bias_update_rate must be >= 0")
-        for key in ("churn_probe_tokens", "collapse_idle_logs"):
+        for key in ("churn_probe_tokens", "collapse_idle_logs", "collapse_warmup_steps"):
             value = getattr(self, key)
             _require(value >= 0, f"model.moe.{key} ({value}) must be >= 0")
         _require(self.collapse_cv >= 0, f"model.moe.collapse_cv ({self.collapse_cv}) must be >= 0")

@@ -20,6 +20,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
 from dataloader.reader import DataExhausted
 from dataloader.source import build_source
@@ -434,7 +435,9 @@ def make_sinks(
     cfg: JobConfig, rank: int, *, local_rank: int = 0, gpu_uuid: str | None = None
 ) -> list[MetricSink]:
     """stdout and metrics.jsonl on rank 0; Prometheus (if `ops.prometheus` is on) on every
-    rank, each exporting its own GPU's series."""
+    rank, each exporting its own GPU's series; TensorBoard and W&B (`ops.tensorboard`,
+    `ops.wandb`) on rank 0, which holds every rank's GPU samples (a resumed run's trackers
+    go on from the first step it logs)."""
     sinks: list[MetricSink] = []
     prom = build_prometheus_sink(
         cfg.ops,
@@ -450,8 +453,29 @@ def make_sinks(
         return sinks
     if cfg.ops.stdout:
         sinks.append(StdoutSink())
+    out = cfg.run.output_dir.rstrip("/")
     if cfg.ops.jsonl:
-        sinks.append(JsonlSink(cfg.run.output_dir.rstrip("/") + "/metrics.jsonl"))
+        sinks.append(JsonlSink(f"{out}/metrics.jsonl"))
+    try:
+        if cfg.ops.tensorboard:
+            from ops.tb_sink import TensorBoardSink  # imports tensorboard: only when asked for
+
+            sinks.append(TensorBoardSink(f"{out}/tensorboard", config_text=to_yaml(cfg)))
+        if cfg.ops.wandb:
+            from ops.wandb_sink import WandbSink  # imports wandb: only when asked for
+
+            sinks.append(
+                WandbSink(
+                    cfg.ops,
+                    output_dir=out,
+                    run_name=cfg.run.name,
+                    config=yaml.safe_load(to_yaml(cfg)),
+                )
+            )
+    except BaseException:
+        for s in sinks:  # the servers and files opened so far
+            s.close()
+        raise
     return sinks
 
 

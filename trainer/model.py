@@ -36,7 +36,7 @@ from trainer.attention import Attention
 from trainer.config import ModelConfig
 from trainer.layers import RMSNorm, apply_rope, rope_tables
 from trainer.mla import MLAttention
-from trainer.moe import GroupedExperts, MoE, SwiGLU
+from trainer.moe import GroupedExperts, MoE, Router, SwiGLU
 
 __all__ = [
     "Attention",
@@ -225,8 +225,9 @@ def init_weights(model: Transformer, seed: int) -> None:
     """Draws every parameter from the seed and its name; each expert from its global id.
 
     Linear and embedding weights ~ N(0, 0.02); output projections of attention and
-    feed-forward (wo, w2) are scaled by 1/sqrt(2 * num_layers) as in GPT-2; norms are ones;
-    router biases zero. Draws happen on the CPU, whole, so the result is the same on any
+    feed-forward (wo, w2) are scaled by 1/sqrt(2 * num_layers) as in GPT-2; router gates
+    ~ N(0, 1/dim), so that their logits start with unit variance; norms are ones; router
+    biases zero. Draws happen on the CPU, whole, so the result is the same on any
     device and any layout (an FSDP shard takes its slice of the whole draw).
     """
     cfg = model.cfg
@@ -239,6 +240,11 @@ def init_weights(model: Transformer, seed: int) -> None:
                 local_of(p).fill_(1.0)
                 continue
             s = out_std if p_name in ("w2",) or mod_name.endswith((".wo", ".w2")) else std
+            if isinstance(module, Router):
+                # Unit-variance gate logits at any width (the input is RMS-normalized): at
+                # 0.02 a narrow model's router starts almost uniform, its top-k decided by
+                # hair-breadth margins that one step flips for whole token types at once.
+                s = p.shape[-1] ** -0.5
             if isinstance(module, GroupedExperts):
                 draws = []
                 for i in range(p.shape[0]):

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from trainer.config import MoEConfig
 from trainer.dispatch import LocalDispatcher, TokenDispatcher, expert_counts
+from trainer.recompute import forward_only
 
 
 @dataclass(frozen=True)
@@ -326,17 +327,13 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared(x_TD)
         return out_TD.view(x_BSD.shape), MoELosses(aux, z)
 
-    @torch.compiler.disable
-    @torch.no_grad()
+    @forward_only
     def _count(
         self, counts_E: Tensor, kept_ids_TK: Tensor | None, x_TD: Tensor, scores_TE: Tensor
     ) -> None:
-        """Load counters and router health, on the first forward only: inside a backward
-        pass (an activation-checkpoint recompute) the graph task id is set, and counting
-        there would count the same tokens twice. Kept out of compiled graphs (it mutates
-        Python state)."""
-        if torch._C._current_graph_task_id() != -1:
-            return
+        """Load counters and router health, on the first forward only (`forward_only`: a
+        recompute would count the same tokens twice, and the probe's matmul must stay out of
+        selective checkpointing's saved ops)."""
         self.routed_E += counts_E
         if kept_ids_TK is not None:
             self.dropped += (kept_ids_TK == self.cfg.num_experts).sum()

@@ -25,8 +25,11 @@ record's `moe` list):
 - `idle_logs`: the longest run of consecutive logged windows, over the layer's experts, in
   which one expert received no token at all (global).
 - `window_cv`: coefficient of variation of the window's summed global load per expert.
-- `collapse`: `idle_logs` >= `model.moe.collapse_idle_logs` (when > 0) or `window_cv` >
-  `model.moe.collapse_cv` (when > 0). When a layer enters collapse, rank 0 prints one line
+- `collapse`: after the first `model.moe.collapse_warmup_steps` training steps (a fresh
+  router over small windows is uneven without being collapsed), `idle_logs` >=
+  `model.moe.collapse_idle_logs` (when > 0) or `window_cv` > `model.moe.collapse_cv` (when
+  > 0). Idle runs are counted from the start, so an expert starved since step 1 is named at
+  the first logged step after the warm-up. When a layer enters collapse, rank 0 prints one line
   to the job log naming the layer, the experts and the numbers; it is exported to
   Prometheus as `moeyard_router_collapse` (alert `MoeyardRouterCollapse`, runbook
   `runbooks/expert-load-collapse.md`).
@@ -61,11 +64,13 @@ class RouterHealth:
         self.ratio_WL.append(load_LE.amax(dim=1) / mean_L)
         self.load_LE = load_LE.clone() if self.load_LE is None else self.load_LE + load_LE
 
-    def window(self, moes: list[Any]) -> list[dict[str, Any]]:
+    def window(self, moes: list[Any], step: int) -> list[dict[str, Any]]:
         """The window's figures per layer (host syncs: a logged step only), then a new window.
 
-        Returns one dict per layer with the keys of the module docstring and `warning` (the
-        job-log line, or None when the layer did not enter collapse at this logged step).
+        `step` is the training step the window ends at (the collapse test waits for
+        `collapse_warmup_steps`). Returns one dict per layer with the keys of the module
+        docstring and `warning` (the job-log line, or None when the layer did not enter
+        collapse at this logged step).
         """
         cfg = self.cfg
         out: list[dict[str, Any]] = []
@@ -95,7 +100,7 @@ class RouterHealth:
                 reasons.append(
                     f"load CV over the window {cv:.2f} > model.moe.collapse_cv ({cfg.collapse_cv:g})"
                 )
-            collapse = bool(reasons)
+            collapse = bool(reasons) and step > cfg.collapse_warmup_steps
             warning = None
             if collapse and not self.collapsed_L[i]:
                 warning = f"router collapse: MoE layer {i}: " + "; ".join(reasons)
@@ -130,7 +135,7 @@ def extend(state: Any, layers: list[dict[str, Any]], moes: list[Any]) -> None:
     health: RouterHealth | None = state.extra.get(HEALTH_KEY)
     if health is None:
         return
-    for entry, rec in zip(layers, health.window(moes), strict=False):
+    for entry, rec in zip(layers, health.window(moes, state.step), strict=False):
         warning = rec.pop("warning")
         entry.update(rec)
         if warning is not None and state.mesh.rank == 0:
