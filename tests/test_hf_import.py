@@ -228,10 +228,10 @@ def test_architectures_moeyard_cannot_take_are_refused(tmp_path):
 
     cfg = json.loads(Path(tmp_path / "llama" / "config.json").read_text())
     cfg["architectures"] = ["MixtralForCausalLM"]
-    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}
     cfg["num_local_experts"], cfg["num_experts_per_tok"] = 4, 2
     Path(tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(HFError, match="rope scaling 'yarn'"):
+    with pytest.raises(HFError, match="rope scaling 'dynamic'"):
         load_hf_weights(model, llama)
 
 

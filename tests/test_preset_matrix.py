@@ -73,6 +73,8 @@ def shrink(path: str) -> list[str]:
         ratio = m.num_heads // m.num_kv_heads
         heads = 4 if 4 % ratio == 0 else ratio
         out += [f"model.num_heads={heads}", f"model.num_kv_heads={heads // ratio}"]
+        if m.head_dim != m.dim // m.num_heads:  # heads set apart from dim / heads (Qwen3)
+            out.append(f"model.head_dim={2 * 64 // heads}")
     return out
 
 
@@ -149,6 +151,10 @@ def test_shrink_keeps_the_structure(path):
     assert (tiny.num_dense_layers > 0) == (full.num_dense_layers > 0)
     assert tiny.num_layers > tiny.num_dense_layers
     assert tiny.tie_embeddings == full.tie_embeddings
+    assert tiny.qk_norm == full.qk_norm and tiny.mtp == full.mtp
+    assert (tiny.head_dim == tiny.dim // tiny.num_heads) == (
+        full.head_dim == full.dim // full.num_heads
+    )
     sizes = {"num_experts", "expert_hidden"}
     for key in vars(full.moe):
         if key not in sizes:

@@ -31,7 +31,14 @@ def preset(pattern: str) -> str:
 def test_every_preset_loads():
     names = {os.path.basename(p) for p in PRESETS}
     assert "tiny.yaml" in names
-    for pattern in ("mixtral-8x7b-*", "deepseek-v2-h*", "deepseek-v2-lite-*", "moe-100m-*"):
+    for pattern in (
+        "mixtral-8x7b-*",
+        "deepseek-v2-h*",
+        "deepseek-v2-lite-*",
+        "deepseek-v3-*",
+        "qwen3-30b-a3b-*",
+        "moe-100m-*",
+    ):
         assert glob.glob(os.path.join(RUNS, pattern + ".yaml")), pattern
     for path in PRESETS:
         cfg = load_config(path)
@@ -39,21 +46,27 @@ def test_every_preset_loads():
             assert cfg.check_world(cfg.parallel.world_size) >= 1
 
 
-# Published figures (billions): total, active per token.
+# Published figures (billions): total, active per token, and whether the publisher's active
+# figure counts the input embedding table (Qwen's does; the others' do not).
 PUBLISHED = [
-    ("mixtral-8x7b-*.yaml", 46.7, 12.9),
-    ("deepseek-v2-h*.yaml", 236.0, 21.0),
-    ("deepseek-v2-lite-*.yaml", 15.7, 2.4),
+    ("mixtral-8x7b-*.yaml", 46.7, 12.9, False),
+    ("deepseek-v2-h*.yaml", 236.0, 21.0, False),
+    ("deepseek-v2-lite-*.yaml", 15.7, 2.4, False),
+    ("deepseek-v3-*.yaml", 671.0, 37.0, False),
+    ("qwen3-30b-a3b-*.yaml", 30.5, 3.3, True),
 ]
 
 
-@pytest.mark.parametrize(("pattern", "total_b", "active_b"), PUBLISHED)
-def test_presets_count_to_the_published_sizes(pattern, total_b, active_b):
-    """One convention for all (trainer/flops.py): total counts every weight once; active
-    counts what a token multiplies by, so the input embedding table is left out."""
+@pytest.mark.parametrize(("pattern", "total_b", "active_b", "with_embedding"), PUBLISHED)
+def test_presets_count_to_the_published_sizes(pattern, total_b, active_b, with_embedding):
+    """One convention for all (trainer/flops.py): total counts every weight once (MTP
+    modules, training-only, aside); active counts what a token multiplies by, so the input
+    embedding table is left out, and added back only to compare with a publisher who counts
+    it (Qwen3-30B-A3B: 3.04B + 0.31B)."""
     counts = param_counts(load_config(preset(pattern)).model)
     assert counts.total / 1e9 == pytest.approx(total_b, rel=0.025)
-    assert counts.active / 1e9 == pytest.approx(active_b, rel=0.025)
+    active = counts.active + (counts.embedding if with_embedding else 0)
+    assert active / 1e9 == pytest.approx(active_b, rel=0.025)
 
 
 def test_presets_have_the_published_shapes_and_a_node_local_ep_layout():
@@ -89,6 +102,46 @@ def test_presets_have_the_published_shapes_and_a_node_local_ep_layout():
     assert load_config(preset("deepseek-v2-lite-*.yaml")).parallel.world_size == 8  # one node
     # DeepSeek-V2 on the smallest H200 count it fits (4 nodes, FSDP + full checkpointing).
     assert ds.parallel.world_size == 32 and ds.train.activation_checkpoint == "full"
+    v3 = load_config(preset("deepseek-v3-*.yaml"))
+    m = v3.model
+    assert (m.num_layers, m.dim, m.num_heads, m.vocab_size, m.num_dense_layers) == (
+        61,
+        7168,
+        128,
+        129280,
+        3,
+    )
+    assert (m.mla.q_lora_rank, m.mla.kv_lora_rank, m.mtp.depth, m.mtp.moe) == (1536, 512, 1, True)
+    assert (m.moe.num_experts, m.moe.top_k, m.moe.expert_hidden, m.moe.score_func) == (
+        256,
+        8,
+        2048,
+        "sigmoid",
+    )
+    assert (m.moe.n_group, m.moe.topk_group, m.moe.route_scale, m.moe.norm_topk_prob) == (
+        8,
+        4,
+        2.5,
+        True,
+    )
+    assert v3.parallel.ep == 8 and v3.parallel.world_size == 80
+    qw = load_config(preset("qwen3-30b-a3b-*.yaml"))
+    m = qw.model
+    assert (m.num_layers, m.dim, m.num_heads, m.num_kv_heads, m.head_dim, m.qk_norm) == (
+        48,
+        2048,
+        32,
+        4,
+        128,
+        True,
+    )
+    assert (m.moe.num_experts, m.moe.top_k, m.moe.expert_hidden, m.vocab_size) == (
+        128,
+        8,
+        768,
+        151936,
+    )
+    assert qw.parallel.world_size == 4 and qw.parallel.ep == 4
     small = load_config(preset("moe-100m-*.yaml"))
     assert small.parallel.world_size == 1
     assert 0.08e9 < param_counts(small.model).total < 0.125e9
@@ -104,6 +157,16 @@ def _configs() -> list[ModelConfig]:
     return [
         ModelConfig(vocab_size=100, dim=64, num_layers=3, num_heads=4, num_kv_heads=2),
         ModelConfig(vocab_size=100, dim=64, num_layers=3, num_heads=4, tie_embeddings=True),
+        # Qwen3-style: heads wider than dim / heads, q/k norms.
+        ModelConfig(
+            vocab_size=100,
+            dim=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            qk_norm=True,
+        ),
         ModelConfig(
             vocab_size=100,
             dim=64,
@@ -128,7 +191,9 @@ def _configs() -> list[ModelConfig]:
     ]
 
 
-@pytest.mark.parametrize("cfg", _configs(), ids=["gqa", "tied", "mla-dense-shared", "mla-tied"])
+@pytest.mark.parametrize(
+    "cfg", _configs(), ids=["gqa", "tied", "qk-norm", "mla-dense-shared", "mla-tied"]
+)
 def test_counts_equal_the_meta_model(cfg):
     model = build_model(cfg)
     params = list(model.parameters())  # a tied table appears once
@@ -277,3 +342,29 @@ def test_heads_alone_mean_multi_head():
     not the key/value heads the schema's default model would have resolved."""
     cfg = load_config(None, ["model.num_heads=8", "model.dim=128"])
     assert cfg.model.num_kv_heads == 8
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fewer", "mtp_b"),
+    [
+        ("deepseek-v3-*.yaml", ["parallel.world_size=72", "train.global_batch_size=0"], 11.61),
+        ("qwen3-30b-a3b-*.yaml", ["parallel.world_size=3", "parallel.ep=1"], 0.0),
+    ],
+)
+def test_new_presets_are_sized_for_the_fewest_h200_the_dry_run_fits(pattern, fewer, mtp_b):
+    """The dry run fits each at the GPU count its name says (80 = 10x8, 4 = 1x4) on 139 GiB
+    H200s, counting the MTP module it trains (DeepSeek-V3's 11.6B), and not at the next
+    smaller layout."""
+    from trainer.dryrun import size_job
+
+    cfg = load_config(preset(pattern))
+    nodes, per_node = os.path.basename(preset(pattern)).split("-h200-")[1][:-5].split("x")
+    assert cfg.parallel.world_size == int(nodes) * int(per_node)
+    assert cfg.parallel.device_memory_gib == 139
+    report = size_job(cfg)
+    assert report.fits, report.error()
+    assert report.counts.mtp_total / 1e9 == pytest.approx(mtp_b, rel=0.01)
+    c = report.counts
+    experts = c.experts_total + c.mtp_experts
+    assert report.params_per_rank == c.trained_total - experts + experts // cfg.parallel.ep
+    assert not size_job(load_config(preset(pattern), fewer)).fits

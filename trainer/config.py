@@ -154,9 +154,16 @@ class MLAConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
+    # Epsilon of the latent norms (kv_norm, q_norm); 0 = model.norm_eps. DeepSeek's released
+    # models build them with 1e-6 whatever their config's rms_norm_eps.
+    norm_eps: float = 0.0
 
     def validate(self, *, dim: int, num_heads: int) -> None:
         """Checks that the dims fit together (called by ModelConfig when attention is mla)."""
+        _require(
+            self.norm_eps >= 0,
+            f"model.mla.norm_eps ({self.norm_eps}) must be >= 0 (0 = model.norm_eps)",
+        )
         for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             _require(
                 getattr(self, key) >= 1, f"model.mla.{key} ({getattr(self, key)}) must be >= 1"
@@ -184,16 +191,91 @@ class MLAConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Rotary position scaling (`model.rope_scaling`): none, or YaRN (Peng et al., 2023), as the
+    released DeepSeek-V2/V2-Lite/V3 configs use it (`trainer/layers.py` computes it exactly as
+    transformers does).
+
+    YaRN keeps the fast-rotating dims (more than beta_fast turns over
+    original_max_seq_len) as they are, divides the slow ones (fewer than beta_slow turns) by
+    `factor`, and ramps linearly between; cos and sin are multiplied by the attention factor
+    (given, or mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set,
+    else mscale(factor, 1), with mscale(s, m) = 0.1 m ln s + 1). Under MLA the softmax scale
+    is further multiplied by mscale(factor, mscale_all_dim)^2 when mscale_all_dim is set.
+    """
+
+    type: Literal["none", "yarn"] = "none"
+    factor: float = 1.0
+    original_max_seq_len: int = 0  # the context the model was pretrained with
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float = 0.0  # 0 = derived from factor, mscale and mscale_all_dim
+    truncate: bool = True  # round the ramp's ends to whole dims
+
+    def __post_init__(self) -> None:
+        if self.type == "none":
+            warn_ignored(
+                "model.rope_scaling",
+                self,
+                tuple(f.name for f in dataclasses.fields(self) if f.name != "type"),
+                "model.rope_scaling.type is 'none'",
+            )
+            return
+        _require(
+            math.isfinite(self.factor) and self.factor >= 1,
+            f"model.rope_scaling.factor ({self.factor}) must be a finite number >= 1",
+        )
+        _require(
+            self.original_max_seq_len >= 1,
+            f"model.rope_scaling.original_max_seq_len ({self.original_max_seq_len}) must be "
+            "set (>= 1) for model.rope_scaling.type=yarn",
+        )
+        _require(
+            self.beta_fast > 0 and self.beta_slow > 0,
+            f"model.rope_scaling.beta_fast ({self.beta_fast}) and beta_slow ({self.beta_slow}) "
+            "must be > 0",
+        )
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            v = getattr(self, key)
+            _require(math.isfinite(v) and v >= 0, f"model.rope_scaling.{key} ({v}) must be >= 0")
+
+
+@dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3, section 2.2; `trainer/model.py`'s MTPModule):
+    `depth` sequential modules after the main model, module k predicting the token k + 1
+    positions ahead; 0 = off. Training only: evaluation and export of logits use the main
+    model. `moe`: the module's transformer block is an MoE block (as DeepSeek-V3's) or a
+    dense SwiGLU of model.dense_hidden."""
+
+    depth: int = 0
+    moe: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.depth >= 0, f"model.mtp.depth ({self.depth}) must be >= 0 (0 = off)")
+        if self.depth == 0:
+            warn_ignored("model.mtp", self, ("moe",), "model.mtp.depth is 0 (off)")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 320
     dim: int = 128
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query
+    # Per-head dim of grouped-query attention; 0 = dim / num_heads. Qwen3-MoE sets it apart
+    # (2048 wide, 32 heads of 128).
+    head_dim: int = 0
     attention: Literal["gqa", "mla"] = "gqa"
+    # RMSNorm over each head's query and key, before rotary embedding (Qwen3).
+    qk_norm: bool = False
     mla: MLAConfig = field(default_factory=MLAConfig)
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     # The first num_dense_layers blocks use a dense SwiGLU of hidden dense_hidden (DeepSeek
     # keeps the first layers dense); the rest are MoE.
@@ -201,10 +283,14 @@ class ModelConfig:
     dense_hidden: int = 512
     tie_embeddings: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads == 0:
             self.num_kv_heads = self.num_heads
+        _require(
+            self.head_dim >= 0, f"model.head_dim ({self.head_dim}) must be >= 0 (0 = dim / heads)"
+        )
         _require(
             self.dim >= 1 and self.num_layers >= 1, "model.dim and model.num_layers must be >= 1"
         )
@@ -217,12 +303,26 @@ class ModelConfig:
                 f"model.attention=mla (every head has its own keys and values, rebuilt from "
                 f"one latent); leave it 0 or equal to model.num_heads ({self.num_heads})",
             )
+            _require(
+                not self.qk_norm,
+                "model.qk_norm=true does not apply to model.attention=mla (its queries and keys "
+                "are rebuilt from normalized latents: model.mla.q_lora_rank, kv_norm)",
+            )
+            _require(
+                self.head_dim in (0, self.dim // self.num_heads),
+                f"model.head_dim ({self.head_dim}) does not apply to model.attention=mla (its "
+                "head dims are model.mla.*); leave it 0",
+            )
             self.mla.validate(dim=self.dim, num_heads=self.num_heads)
         else:
             _require(
-                self.dim % self.num_heads == 0,
-                f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})",
+                self.head_dim > 0 or self.dim % self.num_heads == 0,
+                f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads}), "
+                "or model.head_dim set",
             )
+            if self.head_dim == 0:
+                # Resolved here, as num_kv_heads is (load_config puts the 0 back for presets).
+                self.head_dim = self.dim // self.num_heads
             _require(
                 self.num_heads % self.num_kv_heads == 0,
                 f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
@@ -230,8 +330,8 @@ class ModelConfig:
             )
             _require(
                 self.head_dim % 2 == 0,
-                f"model.dim / model.num_heads ({self.head_dim}) must be even (rotary embedding "
-                "rotates pairs)",
+                f"model.head_dim ({self.head_dim}; 0 = model.dim / model.num_heads) must be even "
+                "(rotary embedding rotates pairs)",
             )
         _require(
             0 <= self.num_dense_layers <= self.num_layers,
@@ -250,14 +350,27 @@ class ModelConfig:
                 tuple(f.name for f in dataclasses.fields(MLAConfig)),
                 f"model.attention is {self.attention!r}",
             )
-        if self.num_dense_layers == 0:
+        if self.num_dense_layers == 0 and not (self.mtp.depth and not self.mtp.moe):
             warn_ignored(
                 "model", self, ("dense_hidden",), "model.num_dense_layers is 0 (every layer MoE)"
             )
+        if self.attention != "mla" and self.rope_scaling.mscale_all_dim:
+            warnings.warn(
+                f"model.rope_scaling.mscale_all_dim ({self.rope_scaling.mscale_all_dim}) is "
+                "ignored: it scales MLA's softmax only (model.attention is 'gqa'); the rotary "
+                "attention factor still applies",
+                stacklevel=3,
+            )
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
+    def latent_norm_eps(self) -> float:
+        """Epsilon of MLA's latent norms: model.mla.norm_eps, or model.norm_eps when 0."""
+        return self.mla.norm_eps or self.norm_eps
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims rotary embedding rotates per head: MLA's rotary key, else the head."""
+        return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
 
 @dataclass
@@ -380,6 +493,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping
+    # Multi-token prediction (model.mtp.depth > 0): lambda, the weight of the mean of the
+    # depths' cross-entropies added to the loss (DeepSeek-V3: 0.3, then 0.1 late in training).
+    mtp_loss_weight: float = 0.3
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 on GPU (FSDP bf16 parameters with fp32 gradient reduction and fp32 master
     # weights; in one process bf16 copies of the fp32 weights made once a step and fp32
@@ -456,6 +572,10 @@ class TrainConfig:
                 ("loss_chunk_tokens",),
                 "train.loss_kernel is 'liger', which chunks the loss by itself",
             )
+        _require(
+            math.isfinite(self.mtp_loss_weight) and self.mtp_loss_weight >= 0,
+            f"train.mtp_loss_weight ({self.mtp_loss_weight}) must be a finite number >= 0",
+        )
 
         if not self.loss_guard:
             warn_ignored(
@@ -619,6 +739,15 @@ class JobConfig:
     def __post_init__(self) -> None:
         self._check_eval_and_distill()
         _require(
+            self.train.seq_len > self.model.mtp.depth,
+            f"train.seq_len ({self.train.seq_len}) must exceed model.mtp.depth "
+            f"({self.model.mtp.depth}): depth k predicts the token k + 1 ahead",
+        )
+        if not self.model.mtp.depth:
+            warn_ignored(
+                "train", self.train, ("mtp_loss_weight",), "model.mtp.depth is 0 (no MTP modules)"
+            )
+        _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
         )
@@ -752,6 +881,7 @@ def load_config(
         # The default ModelConfig resolved num_kv_heads (0 = num_heads) against the default
         # num_heads; put the 0 back so a preset that sets only num_heads gets multi-head.
         base.model.num_kv_heads = 0
+        base.model.head_dim = 0
         # Likewise data.source: the default resolved "auto" against an empty data section;
         # put "auto" back so that it follows from the data.path or data.mix a layer sets.
         base.data.source = "auto"

@@ -253,6 +253,7 @@ class SizingReport:
         kv_red = 1 - self.kv_cache_bytes_per_token / self.mha_kv_cache_bytes_per_token
         return {
             "total_params": self.counts.total,
+            "mtp_params": self.counts.mtp_total,
             "active_params": self.counts.active,
             "flops_per_token": self.flops_per_token,
             "bytes_per_rank": self.memory.total,
@@ -487,15 +488,27 @@ def memory_model(
     sel = [parts.attn_selective + parts.dense_ffn_selective] * m.num_dense_layers + [
         parts.attn_selective + parts.moe_ffn_selective
     ] * num_moe
+    # MTP modules (model.mtp.depth): a block each, their input norms and projection outside
+    # it (two norms' inputs and outputs, the 2D-wide projection input and its output) and a
+    # loss each.
+    n_mtp = m.mtp.depth
+    mtp_moe = m.mtp.moe
+    full += [parts.attn_full + (parts.moe_ffn_full if mtp_moe else parts.dense_ffn_full)] * n_mtp
+    sel += [
+        parts.attn_selective + (parts.moe_ffn_selective if mtp_moe else parts.dense_ffn_selective)
+    ] * n_mtp
+    mtp_in = n_mtp * (4 * r * m.dim + 3 * a * m.dim)
     ac = t.activation_checkpoint
-    saved = {"none": full, "selective": sel, "full": [parts.block_input] * m.num_layers}[ac]
+    blocks = m.num_layers + n_mtp
+    saved = {"none": full, "selective": sel, "full": [parts.block_input] * blocks}[ac]
     rebuilt = 0
     if ac != "none":
         rebuilt = max(f - s for f, s in zip(full, saved, strict=True))
     routed = parts.moe_routed_selective if ac == "selective" else parts.moe_routed_full
     headroom = 0
-    if p.ep > 1 and num_moe and ac != "full":
-        headroom = int((ROUTING_HEADROOM - 1) * routed * num_moe)
+    moe_blocks = num_moe + (n_mtp if mtp_moe else 0)
+    if p.ep > 1 and moe_blocks and ac != "full":
+        headroom = int((ROUTING_HEADROOM - 1) * routed * moe_blocks)
     pbytes = 2 if bf16 else 4
     in_flight = 2 if on_gpu else 1  # the next unit is prefetched on a GPU's side stream
     largest = max(block_units, default=0)
@@ -522,11 +535,12 @@ def memory_model(
         gathered_forward=(head_params + kept) * pbytes if fsdp else 0,
         gathered_backward=gathered_backward,
         weight_copies=2 * params_rank if (bf16 and not fsdp) else 0,
-        activations=sum(saved) * tokens,
+        activations=(sum(saved) + mtp_in) * tokens,
         routing_headroom=headroom * tokens,
         recompute=int(rebuilt * tokens * (1 + RECOMPUTE_TEMP)),
-        loss=loss_bytes(cfg, tokens=tokens, a=a, r=r),
-        num_blocks=m.num_layers,
+        # The main loss and each MTP depth's hold their own until the backward.
+        loss=loss_bytes(cfg, tokens=tokens, a=a, r=r) * (1 + n_mtp),
+        num_blocks=blocks,
         allocator_stream_pool=stream_pool if on_gpu else 0,
         on_gpu=on_gpu,
     )
@@ -543,7 +557,7 @@ def _meta_params_per_rank(cfg: ModelConfig, *, ep: int) -> tuple[int, int, list[
         moe.experts.shard(expert_offset=0, num_local=num_local)
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for moe in model.moe_layers() for p in moe.experts.parameters())
-    blocks = [sum(p.numel() for p in b.parameters()) for b in model.layers]
+    blocks = [sum(p.numel() for p in b.parameters()) for b in [*model.layers, *model.mtp]]
     return total, experts, blocks
 
 
@@ -572,9 +586,11 @@ def size_job(
     counts = param_counts(m)
     params_rank, experts_rank, block_units = _meta_params_per_rank(m, ep=ep)
     # The arithmetic the cluster plan and the report rely on, checked against real shapes.
-    dense = counts.total - counts.experts_total
-    assert params_rank == dense + counts.experts_total // ep, (params_rank, counts)
-    assert experts_rank == counts.experts_total // ep
+    # The MTP modules (training-only) are held and trained like the rest.
+    experts_all = counts.experts_total + counts.mtp_experts
+    dense = counts.trained_total - experts_all
+    assert params_rank == dense + experts_all // ep, (params_rank, counts)
+    assert experts_rank == experts_all // ep
 
     memory = memory_model(
         cfg,
@@ -588,7 +604,7 @@ def size_job(
         keep_gathered=keep_gathered,
     )
     state_bytes = PARAM_BYTES + GRAD_BYTES + OPTIM_BYTES
-    fully_sharded = state_bytes * counts.total // world
+    fully_sharded = state_bytes * counts.trained_total // world
     t = cfg.train
 
     per_ep = m.moe.num_experts // ep
@@ -668,6 +684,11 @@ def format_report(r: SizingReport) -> str:
         f"{r.dp_shard // r.ep} ({r.gpus_per_node} GPUs per node)",
         f"parameters: total {_num(c.total)}, active per token {_num(c.active)} "
         f"(input embedding not counted as active; see trainer/flops.py)",
+        *(
+            [f"multi-token prediction: {_num(c.mtp_total)} more parameters trained, not in total"]
+            if c.mtp_total
+            else []
+        ),
         f"training FLOPs per token at seq_len {r.seq_len}: {r.flops_per_token / 1e9:.4g} GFLOP "
         "(6 x active matmul parameters + attention scores and values)",
         f"per rank: {_num(r.params_per_rank)} parameters "

@@ -5,9 +5,10 @@ fixed batches (dataloader/evalset.py), summed over the ranks before the division
 the same number at world size 1, 2 or 4 and at any expert-parallel degree, within float
 tolerance; `val_ppl` is exp(val_loss).
 
-The model runs in eval mode (`model.eval()`): the MoE layers add no auxiliary or z-loss,
-and capacity drops happen only where `model.moe.capacity_factor` asks for them, as in
-training. The per-expert load counters the auxiliary-loss-free bias update reads after the
+The model runs in eval mode (`model.eval()`): the multi-token prediction modules do not run
+(they are training-only; `val_loss` is the main model's), the MoE layers add no auxiliary
+or z-loss, and capacity drops happen only where `model.moe.capacity_factor` asks for them,
+as in training. The per-expert load counters the auxiliary-loss-free bias update reads after the
 next training step are put back as they were, so an evaluation never moves the bias.
 """
 

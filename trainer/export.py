@@ -11,8 +11,10 @@ file streams too: its header comes from the checkpoint's metadata, then the tens
 groups of at most `--max-shard-size`.
 
 `--format hf`: a directory `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
-with no custom code: `config.json` (`MixtralForCausalLM` or `DeepseekV2ForCausalLM`, see
-`trainer/hf.py` for which configurations have neither and are refused),
+with no custom code: `config.json` (`MixtralForCausalLM`, `Qwen3MoeForCausalLM`,
+`DeepseekV2ForCausalLM` or `DeepseekV3ForCausalLM`, picked from the model config; see
+`trainer/hf.py` for which configurations have none and are refused; DeepSeek-V3's MTP
+modules are written as the released checkpoints hold them, after the last layer),
 `model-0000N-of-0000M.safetensors` shards with `model.safetensors.index.json`, and the
 tokenizer files when the run's dataset was prepared with a tokenizer JSON.
 
@@ -246,16 +248,18 @@ def export_hf(
     for n, shard in enumerate(shards, start=1):
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
         request: dict[str, Any] = {}
-        for s in shard:
+        for s in shard:  # a key twice in a shard (a shared tensor's copy) is read once
             m = meta["model." + s.key]
             assert isinstance(m, TensorStorageMetadata)
             request["model." + s.key] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
         dcp.load(request, storage_reader=RangeReader(url), no_dist=True)
         tensors: dict[str, Tensor] = {}
         for s in shard:
-            t = to_hf(request.pop("model." + s.key), s, cfg.model)
-            keep_fp32 = s.key.endswith("router.weight")
+            t = to_hf(request["model." + s.key], s, cfg.model)
+            keep_fp32 = s.key.endswith(("router.weight", "router.expert_bias"))
             t = t.to(torch.float32 if keep_fp32 else out_dtype).contiguous()
+            if s.shared:  # safetensors writes no two names over one storage
+                t = t.clone()
             tensors[s.hf] = t
             weight_map[s.hf] = name
             total += t.numel() * t.element_size()

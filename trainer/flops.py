@@ -15,6 +15,13 @@ tests/test_presets.py):
   + attention's score and value products, 6 x num_heads x (qk_head_dim + v_head_dim) x
   seq_len per layer (forward 2 FLOPs per multiply-add, backward twice the forward; the
   causal mask is not discounted, as in PaLM's MFU accounting);
+- multi-token prediction modules (`model.mtp.depth`) are training-only: `total` and `active`
+  leave them out (they are the figures publishers state and transformers' models hold),
+  `mtp_total` / `mtp_active` count them (each depth: its two input norms, the 2D x D
+  projection, one transformer block, its final norm) and `trained_total` is what training
+  holds. Training FLOPs per token add, per depth, 6 x its active matmul parameters, 6 x the
+  shared head it multiplies by again, and its block's attention products (counted per token
+  of the main sequence; depth k runs on S - k of S positions);
 - the KV cache per token counts what inference must keep per token and layer: keys and
   values for multi-head or grouped-query attention (2 x num_kv_heads x head_dim), and for
   Multi-Head Latent Attention the compressed latent plus the one shared rotary key
@@ -34,13 +41,23 @@ class ParamCounts:
     active: int
     embedding: int  # the input embedding table (counted in total, not in active)
     norms: int  # every RMSNorm weight, the MLA latent norms included
-    experts_total: int  # routed expert weights in the whole model
+    experts_total: int  # routed expert weights in the main model
     experts_active: int  # routed expert weights one token uses
+    # Multi-token prediction modules (training-only; not in total or active).
+    mtp_total: int = 0
+    mtp_active: int = 0
+    mtp_norms: int = 0
+    mtp_experts: int = 0  # routed expert weights in the MTP blocks
 
     @property
     def active_matmul(self) -> int:
         """Active parameters that take part in a matrix multiply."""
         return self.active - self.norms
+
+    @property
+    def trained_total(self) -> int:
+        """Every parameter training holds: the model and its MTP modules."""
+        return self.total + self.mtp_total
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -69,10 +86,10 @@ def attention_matmul_params(cfg: ModelConfig) -> int:
 
 
 def attention_norm_params(cfg: ModelConfig) -> int:
-    """Norm weights inside one attention block (MLA's latent norms; none otherwise)."""
+    """Norm weights inside one attention block (MLA's latent norms, Qwen3's q/k norms)."""
     if cfg.attention == "mla":
         return cfg.mla.kv_lora_rank + cfg.mla.q_lora_rank
-    return 0
+    return 2 * cfg.head_dim if cfg.qk_norm else 0
 
 
 def attention_head_dims(cfg: ModelConfig) -> tuple[int, int]:
@@ -99,6 +116,18 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     experts_active = num_moe * moe.top_k * expert
     # Everything but the embedding table and the routed experts: used by every token.
     common = attn + norms + head + cfg.num_dense_layers * dense_ffn + num_moe * (shared + router)
+    # One MTP depth: enorm, hnorm and the final norm, the projection, one block.
+    n = cfg.mtp.depth
+    mtp_norms = n * (5 * D + attention_norm_params(cfg))
+    mtp_common = n * (2 * D * D + attention_matmul_params(cfg)) + mtp_norms
+    mtp_experts = 0
+    if cfg.mtp.moe:
+        mtp_common += n * (shared + router)
+        mtp_experts = n * moe.num_experts * expert
+        mtp_experts_active = n * moe.top_k * expert
+    else:
+        mtp_common += n * dense_ffn
+        mtp_experts_active = 0
     return ParamCounts(
         total=common + experts_total + (0 if cfg.tie_embeddings else embedding),
         active=common + experts_active,
@@ -106,15 +135,22 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         norms=norms,
         experts_total=experts_total,
         experts_active=experts_active,
+        mtp_total=mtp_common + mtp_experts,
+        mtp_active=mtp_common + mtp_experts_active,
+        mtp_norms=mtp_norms,
+        mtp_experts=mtp_experts,
     )
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at context length `seq_len`."""
+    """Training FLOPs (forward + backward) per token at context length `seq_len`, the MTP
+    modules included (see the module docstring)."""
     counts = param_counts(cfg)
     qk, v = attention_head_dims(cfg)
-    attn = 6 * cfg.num_layers * cfg.num_heads * (qk + v) * seq_len
-    return 6.0 * counts.active_matmul + attn
+    blocks = cfg.num_layers + cfg.mtp.depth
+    attn = 6 * blocks * cfg.num_heads * (qk + v) * seq_len
+    mtp = counts.mtp_active - counts.mtp_norms + cfg.mtp.depth * cfg.vocab_size * cfg.dim
+    return 6.0 * (counts.active_matmul + mtp) + attn
 
 
 def kv_cache_elements_per_token(cfg: ModelConfig) -> int:

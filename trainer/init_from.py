@@ -1,5 +1,10 @@
-"""`checkpoint.init_from`: the weights of a new run from a transformers checkpoint or a
-moeyard one, at any parallel layout; `checkpoint.upcycle`: an MoE from a dense one.
+"""`checkpoint.init_from`: the weights of a new run from a transformers checkpoint (Mixtral,
+Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3; `trainer/hf.py`'s tables) or a moeyard one, at any
+parallel layout; `checkpoint.upcycle`: an MoE from a dense one.
+
+DeepSeek-V3's MTP layers (after the last layer) fill the preset's `model.mtp.depth`
+modules; layers beyond it are left unread with a note, fewer than it is an error, and the
+copies of the embedding and head they hold are checked equal to the main ones.
 
 Called on every rank after `materialize` (the model is parallelized: experts sliced by
 global id, parameters possibly DTensors) and before resume, which wins when the run's
@@ -61,6 +66,7 @@ from trainer.hf import (
     from_hf,
     hf_shape,
     model_config_from_hf,
+    mtp_layer_of,
     tensor_map,
 )
 
@@ -236,15 +242,73 @@ def _need(reader: SafetensorsDir, hf_name: str, want: tuple[int, ...], key: str)
     return where
 
 
-def _plain_plan(cfg: ModelConfig, arch: str, reader: SafetensorsDir, shapes: dict) -> _Plan:
+def _plain_plan(
+    cfg: ModelConfig, arch: str, reader: SafetensorsDir, shapes: dict, rank: int
+) -> tuple[_Plan, list[TensorMap], set[str]]:
+    """(the plan, the shared copies the files hold, to check against the loaded tensors,
+    and the names left unread on purpose: MTP layers beyond model.mtp.depth).
+
+    Raises:
+        HFError: a tensor the preset needs is missing or of another shape, or the preset
+            asks for more MTP layers than the files hold.
+    """
+    held = {d for n in reader.names() if (d := mtp_layer_of(n, cfg, arch)) is not None}
+    if cfg.mtp.depth > len(held):
+        raise HFError(
+            f"model.mtp.depth ({cfg.mtp.depth}) exceeds the MTP layers {reader.url} holds "
+            f"({len(held)}, after its {cfg.num_layers} layers)"
+        )
+    skipped = {
+        n
+        for n in reader.names()
+        if (d := mtp_layer_of(n, cfg, arch)) is not None and d >= cfg.mtp.depth
+    }
+    if skipped and rank == 0:
+        _say(
+            f"{reader.url} holds {len(held)} MTP layers; model.mtp.depth is {cfg.mtp.depth}, "
+            f"so {len(skipped)} of their tensors are not read"
+        )
     plan: _Plan = {}
+    copies: list[TensorMap] = []
     for spec in tensor_map(cfg, arch):
+        if spec.shared:
+            # DeepSeek-V3 checkpoints repeat the embedding and head in each MTP layer; some
+            # conversions leave them out (the model shares them).
+            if spec.hf in reader.entries:
+                copies.append(spec)
+            continue
         want = hf_shape(shapes["model." + spec.key], spec)
         where = _need(reader, spec.hf, want, spec.key)
         plan[spec.key] = (where, _from_hf_fn(where, spec, cfg))
     if cfg.tie_embeddings:  # the head is the embedding table
         plan["head.weight"] = plan["embed.weight"]
-    return plan
+    return plan, copies, skipped
+
+
+def _check_copies(
+    reader: SafetensorsDir, copies: list[TensorMap], targets: dict[str, Tensor], cfg: ModelConfig
+) -> None:
+    """Each shared copy equals what was loaded for its key (this rank's part of it).
+
+    Raises:
+        HFError: a copy differs: the checkpoint's MTP layers would predict through another
+            embedding or head than the model's, which moeyard shares.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for spec in copies:
+        target = targets["model." + spec.key]
+        full = from_hf(reader.read(spec.hf), spec, cfg).to(target.dtype)
+        mine = torch.empty_like(target)
+        copy_full_into(mine, full)
+        a = mine.to_local() if isinstance(mine, DTensor) else mine
+        b = target.to_local() if isinstance(target, DTensor) else target
+        if not torch.equal(a, b.to(a.device)):
+            raise HFError(
+                f"{reader.url}: {spec.hf} differs from the main model's {spec.key}; moeyard's "
+                "MTP modules share the embedding and the head, so the copies must be equal"
+            )
+        del full, mine
 
 
 def _from_hf_fn(where: _Where, spec: TensorMap, cfg: ModelConfig) -> Callable[[Tensor], Tensor]:
@@ -368,8 +432,8 @@ def _tied_router(cfg: ModelConfig, layer: int, G: int, seed: int) -> Tensor:
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
-def _check_unused(reader: SafetensorsDir, plan: _Plan) -> None:
-    used = {w.name for w, _ in plan.values()}
+def _check_unused(reader: SafetensorsDir, plan: _Plan, also: set[str] | None = None) -> None:
+    used = {w.name for w, _ in plan.values()} | (also or set())
     for name in reader.names():
         if name in used or _IGNORED.search(name):
             continue
@@ -410,6 +474,8 @@ def load_hf_weights(
                 f"{reader.where} is {arch}"
             )
         plan = _upcycle_plan(cfg, reader, shapes, rank)
+        copies: list[TensorMap] = []
+        skipped: set[str] = set()
     else:
         if arch in DENSE:
             raise HFError(
@@ -421,8 +487,8 @@ def load_hf_weights(
         if mine != arch:
             raise HFError(f"the preset's model is a {mine}, {reader.where} a {arch}")
         check_semantics(cfg, theirs, where=reader.where)
-        plan = _plain_plan(cfg, arch, reader, shapes)
-    _check_unused(reader, plan)
+        plan, copies, skipped = _plain_plan(cfg, arch, reader, shapes, rank)
+    _check_unused(reader, plan, {c.hf for c in copies} | skipped)
     targets = model_state(model)
     by_source: dict[tuple[str, int | None], list[tuple[str, Callable[[Tensor], Tensor]]]] = {}
     for key, (where, fn) in plan.items():
@@ -440,6 +506,7 @@ def load_hf_weights(
         for key, fn in consumers:
             copy_full_into(targets["model." + key], fn(t))
         del t
+    _check_copies(reader, copies, targets, cfg)
     if upcycle:
         G = int(reader.config["intermediate_size"]) // cfg.moe.expert_hidden
         if G > 1:

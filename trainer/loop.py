@@ -37,7 +37,7 @@ from trainer.fault_hook import LossFaults
 from trainer.flops import flops_per_token
 from trainer.guard import LossGuard, TrainingDiverged
 from trainer.mesh import Mesh, build_mesh, init_distributed
-from trainer.model import Transformer, build_model, materialize
+from trainer.model import Transformer, build_model, materialize, mtp_cross_entropy
 from trainer.moe import MoE
 from trainer.parallelize import check_compile, clip_grad_norm_, parallelize
 from trainer.precision import ComputeCopies
@@ -346,6 +346,9 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
     lm_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
     z_sum = torch.zeros((), device=device)
+    # Each MTP depth's cross-entropy ([0] without MTP); lambda x their mean joins the loss.
+    mtp_sum = torch.zeros(cfg.model.mtp.depth, device=device)
+    mtp_weight = cfg.train.mtp_loss_weight
     kl_sum = torch.zeros((), device=device)
     distiller: distill.Distiller | None = state.extra.get(distill.DISTILLER_KEY)
     wait = 0.0
@@ -370,7 +373,15 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
             ):
                 if distiller is not None:
                     out = model(inputs)
+                    assert out.logits is not None
                     lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+                    mtp = mtp_cross_entropy(
+                        model.head,
+                        out.mtp_hidden,
+                        targets,
+                        chunk_tokens=cfg.train.loss_chunk_tokens,
+                        kernel=cfg.train.loss_kernel,
+                    )
                 else:
                     out = model(
                         inputs,
@@ -378,7 +389,8 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
                         loss_chunk_tokens=cfg.train.loss_chunk_tokens,
                         loss_kernel=cfg.train.loss_kernel,
                     )
-                    lm = out.lm_loss
+                    assert out.lm_loss is not None and out.mtp_loss is not None
+                    lm, mtp = out.lm_loss, out.mtp_loss
                 if fault is not None:
                     lm = lm * fault  # before backward: the gradients follow, as in a real one
                 objective = lm
@@ -386,9 +398,12 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
                     # (1 - alpha) CE + alpha T^2 KL(teacher || student), on the same inputs.
                     objective, kl = distiller.loss(inputs, out.logits, lm)
                     kl_sum += kl.detach()
+                if mtp.numel():
+                    objective = objective + mtp_weight * mtp.mean()
                 loss = (objective + out.aux_loss + out.z_loss) / accum
                 loss.backward()
             lm_sum += lm.detach()
+            mtp_sum += mtp.detach()
             aux_sum += out.aux_loss.detach()
             z_sum += out.z_loss.detach()
         done = True
@@ -403,7 +418,7 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
 
     # One all-reduce per step carries the losses and the expert load of every MoE layer.
     moes: list[MoE] = model.moe_layers()
-    parts = [torch.stack([lm_sum, aux_sum, z_sum]) / accum]
+    parts = [torch.cat([torch.stack([lm_sum, aux_sum, z_sum]), mtp_sum]) / accum]
     parts += (
         [m.routed_E.float() for m in moes] + [torch.stack([m.dropped.float() for m in moes])]
         if moes
@@ -417,12 +432,15 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         with _phase(state, "loss and expert-load all-reduce"):
             dist.all_reduce(packed, group=state.mesh.group("world"))
     losses = packed[:3] / state.mesh.world_size
+    n = 3 + len(mtp_sum)  # the losses' share of `packed`
+    mtp_losses = packed[3:n] / state.mesh.world_size
 
     skip = None
     if state.guard is not None:
         # Device-to-host sync: the guard decides on the global loss and norm, which every
         # rank holds identically, so all ranks skip or step together.
-        skip = state.guard.is_bad(float(losses.sum()), float(grad_norm))
+        objective_value = losses.sum() + (mtp_weight * mtp_losses.mean() if len(mtp_losses) else 0)
+        skip = state.guard.is_bad(float(objective_value), float(grad_norm))
     if skip is None:
         state.optimizer.step()
         state.scheduler.step()
@@ -434,9 +452,11 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
         "grad_norm": grad_norm,
         "skipped": torch.tensor(skip is not None),
     }
+    if len(mtp_losses):
+        metrics["mtp_losses"] = mtp_losses
     if moes:
         E = moes[0].cfg.num_experts
-        load_LE = packed[3 : 3 + len(moes) * E].view(len(moes), E)
+        load_LE = packed[n : n + len(moes) * E].view(len(moes), E)
         router_health.observe(state, load_LE)
         for m, load_E in zip(moes, load_LE, strict=True):
             if skip is None:
@@ -444,7 +464,7 @@ def train_step(state: RunState) -> dict[str, torch.Tensor]:
             m.routed_E.zero_()
             m.dropped.zero_()
         metrics["load_LE"] = load_LE
-        metrics["dropped_L"] = packed[3 + len(moes) * E : -1]
+        metrics["dropped_L"] = packed[n + len(moes) * E : -1]
     metrics["preempt"] = packed[-1] > 0
     if distiller is not None:
         metrics["distill_kl"] = distiller.reduce(kl_sum / accum, state.mesh)
@@ -654,9 +674,13 @@ def log_step(state: RunState, session: Session, m: dict[str, torch.Tensor]) -> N
     steps = session.steps_window
     # Device-to-host sync: the logged values.
     lm = m["lm_loss"].item()
+    # MTP (model.mtp.depth > 0): each depth's cross-entropy, and lambda x their mean in loss.
+    mtp = m["mtp_losses"].tolist() if "mtp_losses" in m else []
+    mtp_term = state.cfg.train.mtp_loss_weight * sum(mtp) / len(mtp) if mtp else 0.0
     record: dict[str, Any] = {
-        "loss": lm + m["aux_loss"].item() + m["z_loss"].item(),
+        "loss": lm + m["aux_loss"].item() + m["z_loss"].item() + mtp_term,
         "lm_loss": lm,
+        **{f"mtp_loss_{k}": v for k, v in enumerate(mtp, start=1)},
         "aux_loss": m["aux_loss"].item(),
         "z_loss": m["z_loss"].item(),
         "grad_norm": m["grad_norm"].item(),

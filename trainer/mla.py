@@ -11,7 +11,10 @@ token and shared by all heads; each query head gets its own non-rotary part (N d
 rotary part (R dims). Queries may be compressed the same way (q_lora_rank > 0):
 q = W_UQ norm(W_DQ x). The attention score of a head is
 (q_nope . k_nope + q_rope . k_rope) / sqrt(N + R), causal, through
-`scaled_dot_product_attention`.
+`scaled_dot_product_attention`; under YaRN rope scaling with `mscale_all_dim` the scale is
+multiplied by mscale^2 (`trainer.layers.yarn_softmax_scale`), as DeepSeek's reference does.
+The latent norms use their own epsilon, `model.mla.norm_eps` (0 = `model.norm_eps`):
+DeepSeek's released models fix it at 1e-6 whatever their rms_norm_eps.
 
 What inference caches per token and layer: c_kv and k_rope, C + R elements (576 for
 DeepSeek-V2), against 2 x H x Dh for multi-head attention and 2 x Hkv x Dh for
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
-from trainer.layers import RMSNorm, apply_rope
+from trainer.layers import RMSNorm, apply_rope, yarn_softmax_scale
 
 
 class MLAttention(nn.Module):
@@ -58,14 +61,15 @@ class MLAttention(nn.Module):
         self.q_lora_rank = m.q_lora_rank
         if m.q_lora_rank:
             self.wq_a = nn.Linear(cfg.dim, m.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(m.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(m.q_lora_rank, cfg.latent_norm_eps)
             self.wq_b = nn.Linear(m.q_lora_rank, H * qk_head, bias=False)
         else:
             self.wq = nn.Linear(cfg.dim, H * qk_head, bias=False)
         self.wkv_a = nn.Linear(cfg.dim, m.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_norm = RMSNorm(m.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(m.kv_lora_rank, cfg.latent_norm_eps)
         self.wkv_b = nn.Linear(m.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, cfg.dim, bias=False)
+        self.softmax_scale = yarn_softmax_scale(qk_head, cfg.rope_scaling)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x_BSD [B, S, D]; cos, sin [>=S, R/2] rotary tables. Returns [B, S, D]."""
@@ -86,6 +90,9 @@ class MLAttention(nn.Module):
         k_BHSQ = torch.cat(
             [k_nope_BHSN, k_rope_B1SR.to(k_nope_BHSN.dtype).expand(B, H, S, R)], dim=-1
         )
-        # SDPA's default scale is 1/sqrt(q's last dim) = 1/sqrt(N + R), the paper's scale.
-        o_BHSV = F.scaled_dot_product_attention(q_BHSQ, k_BHSQ, v_BHSV, is_causal=True)
+        # SDPA's default scale is 1/sqrt(q's last dim) = 1/sqrt(N + R), the paper's scale;
+        # YaRN's mscale changes it.
+        o_BHSV = F.scaled_dot_product_attention(
+            q_BHSQ, k_BHSQ, v_BHSV, is_causal=True, scale=self.softmax_scale
+        )
         return self.wo(o_BHSV.transpose(1, 2).reshape(B, S, H * V))

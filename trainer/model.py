@@ -3,6 +3,18 @@
 Shape legend: B batch, S sequence, D model dim, H query heads, Hkv key/value heads,
 Dh head dim, V vocabulary.
 
+Multi-token prediction (`model.mtp.depth` > 0; DeepSeek-V3, section 2.2): after the main
+model, `depth` MTP modules run in sequence during training. Module k (1-based) combines, at
+each position i, the previous depth's representation h^{k-1}_i (h^0: the main model's final
+normalized hidden state) with the embedding of token t_{i+k}:
+h'_i = W [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)], then one transformer block and its own
+final norm give h^k_i, and the shared output head predicts t_{i+k+1}. The embedding and the
+head are the main model's own parameters. Depth k has S - k positions (the last k have no
+target) and its rotary positions are those of the tokens it embeds, i + k. The projection's
+input order (embedding first) and the use of the normalized h^0 are those of the released
+DeepSeek-V3 weights as transformers' MtpModel, vLLM and SGLang run them. The modules are
+training-only: in eval mode the forward skips them.
+
 Build on the meta device, `parallelize`, then `materialize`: weights are drawn per parameter
 (and per expert, by global id) from the seed, so the initial model does not depend on the
 parallel layout.
@@ -27,11 +39,23 @@ from trainer.loss import LossKernel, linear_cross_entropy
 from trainer.mla import MLAttention
 from trainer.moe import GroupedExperts, MoE, Router, SwiGLU
 
-__all__ = ["Attention", "RMSNorm", "Transformer", "apply_rope", "build_model", "materialize"]
+__all__ = [
+    "Attention",
+    "MTPModule",
+    "RMSNorm",
+    "Transformer",
+    "apply_rope",
+    "build_model",
+    "materialize",
+    "mtp_cross_entropy",
+]
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    """Pre-norm transformer block: attention, then a dense SwiGLU or an MoE feed-forward
+    (MoE from layer model.num_dense_layers on, unless `moe` says)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, *, moe: bool | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.attention == "mla":
@@ -39,7 +63,7 @@ class Block(nn.Module):
         else:
             self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.is_moe = layer_id >= cfg.num_dense_layers
+        self.is_moe = layer_id >= cfg.num_dense_layers if moe is None else moe
         self.ffn: nn.Module = (
             MoE(cfg.dim, cfg.moe) if self.is_moe else SwiGLU(cfg.dim, cfg.dense_hidden)
         )
@@ -54,12 +78,46 @@ class Block(nn.Module):
         return x + self.ffn(h), zero, zero
 
 
+class MTPModule(nn.Module):
+    """One multi-token prediction depth (see the module docstring).
+
+    Parameters: enorm, hnorm [D] (the token embedding's and the hidden state's norms), proj
+    [D, 2D] (DeepSeek's eh_proj, embedding half first), block (a transformer block: MoE, or
+    dense with model.mtp.moe false), norm [D] (the final norm before the shared head).
+    """
+
+    def __init__(self, cfg: ModelConfig, depth: int) -> None:
+        super().__init__()
+        D = cfg.dim
+        self.enorm = RMSNorm(D, cfg.norm_eps)
+        self.hnorm = RMSNorm(D, cfg.norm_eps)
+        self.proj = nn.Linear(2 * D, D, bias=False)
+        # nn.Module: parallelize may wrap it (activation checkpointing, compile).
+        self.block: nn.Module = Block(cfg, cfg.num_layers + depth - 1, moe=cfg.mtp.moe)
+        self.norm = RMSNorm(D, cfg.norm_eps)
+
+    def forward(
+        self, h_BSD: Tensor, e_BSD: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """h_BSD: the previous depth's normalized output; e_BSD: the embeddings of the tokens
+        k ahead, aligned with it; cos, sin: rotary tables from position k on. Returns this
+        depth's normalized output [B, S, D] and its block's aux and z losses."""
+        x = self.proj(torch.cat([self.enorm(e_BSD), self.hnorm(h_BSD)], dim=-1))
+        x, aux, z = self.block(x, cos, sin)
+        return self.norm(x), aux, z
+
+
 @dataclass(frozen=True)
 class ModelOutput:
     logits: Tensor | None  # [B, S, V]; None when the forward was given targets
-    aux_loss: Tensor  # summed over MoE layers, coefficient applied
+    aux_loss: Tensor  # summed over MoE layers (the MTP blocks' included), coefficient applied
     z_loss: Tensor
     lm_loss: Tensor | None = None  # mean next-token cross-entropy, when given targets
+    hidden: Tensor | None = None  # [B, S, D] the final normalized hidden state
+    # Training only: depth k's normalized output [B, S - k, D], k = 1 .. model.mtp.depth.
+    mtp_hidden: tuple[Tensor, ...] = ()
+    # Given targets in training: each MTP depth's mean cross-entropy, fp32 [depth].
+    mtp_loss: Tensor | None = None
 
 
 class OutputHead(nn.Module):
@@ -103,10 +161,17 @@ class Transformer(nn.Module):
         self.head = OutputHead(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Training-only multi-token prediction; an empty list (no parameters) when off.
+        self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp.depth + 1))
+        cos, sin = rope_tables(
+            cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling
+        )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def mtp_modules(self) -> list[MTPModule]:
+        """The MTP modules, depth 1 first (none when model.mtp.depth is 0)."""
+        return [m for m in self.mtp if isinstance(m, MTPModule)]
 
     def moe_layers(self) -> list[MoE]:
         # Through modules(), not the blocks' attributes: parallelize may wrap the blocks.
@@ -120,19 +185,67 @@ class Transformer(nn.Module):
         loss_chunk_tokens: int = 0,
         loss_kernel: LossKernel = "torch",
     ) -> ModelOutput:
-        """Logits of `tokens_BS` [B, S]; given `targets_BS` [B, S], the mean next-token
-        loss instead (`lm_loss`, no logits kept: `train.loss_chunk_tokens`,
-        `train.loss_kernel`)."""
-        x = self.embed(tokens_BS)
+        """tokens_BS [B, S] -> logits [B, S, V], the MoE losses, the final normalized hidden
+        state and (training, model.mtp.depth > 0) each MTP depth's output. Given targets_BS
+        [B, S], the mean next-token loss instead of the logits (`lm_loss`, no logits kept:
+        `train.loss_chunk_tokens`, `train.loss_kernel`) and each MTP depth's (`mtp_loss`),
+        computed here, where FSDP has gathered the shared head."""
+        e_BSD = self.embed(tokens_BS)
+        x = e_BSD
         aux = z = x.new_zeros((), dtype=torch.float32)
         for block in self.layers:
             x, a, zl = block(x, self.rope_cos, self.rope_sin)
             aux, z = aux + a, z + zl
-        h = self.norm(x)
+        h_BSD = self.norm(x)
+        mtp_hidden: list[Tensor] = []
+        if self.training and len(self.mtp):
+            S = tokens_BS.shape[1]
+            assert len(self.mtp) < S, f"a sequence of {S} tokens has no target at MTP depth {S}"
+            h = h_BSD
+            for k, module in enumerate(self.mtp, start=1):
+                # Positions 0 .. S-k-1 of depth k: h^{k-1} there, the embeddings of tokens
+                # k .. S-1 (all among the inputs), rotary positions k .. S-1.
+                h, a, zl = module(h[:, : S - k], e_BSD[:, k:], self.rope_cos[k:], self.rope_sin[k:])
+                aux, z = aux + a, z + zl
+                mtp_hidden.append(h)
         if targets_BS is None:
-            return ModelOutput(self.head(h), aux, z)
-        lm = self.head(h, targets_BS, chunk_tokens=loss_chunk_tokens, kernel=loss_kernel)
-        return ModelOutput(None, aux, z, lm_loss=lm)
+            return ModelOutput(self.head(h_BSD), aux, z, hidden=h_BSD, mtp_hidden=tuple(mtp_hidden))
+        chunk, kernel = loss_chunk_tokens, loss_kernel
+        return ModelOutput(
+            None,
+            aux,
+            z,
+            lm_loss=self.head(h_BSD, targets_BS, chunk_tokens=chunk, kernel=kernel),
+            hidden=h_BSD,
+            mtp_hidden=tuple(mtp_hidden),
+            mtp_loss=mtp_cross_entropy(
+                self.head, tuple(mtp_hidden), targets_BS, chunk_tokens=chunk, kernel=kernel
+            ),
+        )
+
+
+def mtp_cross_entropy(
+    head: nn.Module,
+    mtp_hidden: tuple[Tensor, ...],
+    targets_BS: Tensor,
+    *,
+    chunk_tokens: int = 0,
+    kernel: LossKernel = "torch",
+) -> Tensor:
+    """Each MTP depth's mean next-token cross-entropy, fp32 [depth] ([0] when MTP is off).
+
+    mtp_hidden: `ModelOutput.mtp_hidden` (depth k's [B, S - k, D]); targets_BS: the main
+    model's targets (token i + 1 for input position i). Depth k's position i predicts
+    targets_BS[:, i + k], the token k + 1 ahead of input i, through the shared `head`
+    (an `OutputHead`: chunked as the main loss is).
+    """
+    losses = [
+        head(h, targets_BS[:, k:], chunk_tokens=chunk_tokens, kernel=kernel)
+        for k, h in enumerate(mtp_hidden, start=1)
+    ]
+    if not losses:
+        return targets_BS.new_zeros(0, dtype=torch.float32)
+    return torch.stack(losses)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -206,8 +319,7 @@ def init_weights(model: Transformer, seed: int) -> None:
         moe.router.expert_bias.zero_()
         moe.routed_E.zero_()
         moe.dropped.zero_()
-    rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
-    cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
 

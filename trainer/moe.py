@@ -72,9 +72,9 @@ class Router(nn.Module):
     def _select(self, scores_TE: Tensor) -> Tensor:
         """Selection scores: the scores plus the balancing bias, outside the chosen groups
         -inf."""
-        select_TE = scores_TE
-        if self.cfg.bias_update_rate > 0:
-            select_TE = select_TE + self.expert_bias.float()
+        # Always added: zero unless updated (bias_update_rate > 0) or loaded (a DeepSeek-V3
+        # checkpoint's e_score_correction_bias, which a continued run may keep frozen).
+        select_TE = scores_TE + self.expert_bias.float()
         if self.cfg.n_group > 1:
             select_TE = self._limit_groups(select_TE)
         return select_TE

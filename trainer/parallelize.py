@@ -3,12 +3,16 @@
 `parallelize` runs before `materialize`, in this fixed order:
   1. expert parallelism: each MoE layer keeps the experts of its EP rank and gets the
      all-to-all dispatcher (EP > 1) or the local one (EP = 1);
-  2. activation checkpointing per transformer block (`train.activation_checkpoint`);
-  3. `torch.compile` per block (`train.compile`);
+  2. activation checkpointing per transformer block (`train.activation_checkpoint`), the
+     MTP modules' blocks included;
+  3. `torch.compile` per block (`train.compile`), the MTP modules' blocks included;
   4. FSDP2 (`fully_shard`): each MoE layer's experts over `efsdp` (HSDP: x dp_replicate;
-     at EP = 1 they stay in their block's unit), then each block, the embedding and the
-     output head over `dp_shard` (HSDP: x dp_replicate), then the root. Parameters become DTensors; gradients are reduce-scattered
-     in backward, overlapped with it.
+     at EP = 1 they stay in their block's unit), then each block and each MTP module (its
+     norms, projection and block; multi-token prediction), the embedding and the output
+     head over `dp_shard` (HSDP: x dp_replicate), then the root. The MTP modules share the
+     embedding and head units with the main model: the head runs once more per depth, and
+     FSDP reduces its gradient over both uses. Parameters become DTensors; gradients are
+     reduce-scattered in backward, overlapped with it.
 
 Gradient scale: each rank's loss is the mean over its own tokens, and the training loss is
 the mean over ranks. A dense gradient is therefore the average over the world, which is what
@@ -195,6 +199,8 @@ def apply_activation_checkpoint(model: Transformer, mode: str) -> None:
         kw["context_fn"] = _selective_context
     for i, block in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kw)
+    for mtp in model.mtp_modules():  # the MTP modules' blocks, like the main ones
+        mtp.block = checkpoint_wrapper(mtp.block, preserve_rng_state=False, **kw)
 
 
 def apply_compile(model: Transformer) -> None:
@@ -212,6 +218,8 @@ def apply_compile(model: Transformer) -> None:
         )
     for i, block in enumerate(model.layers):
         model.layers[i] = torch.compile(block, fullgraph=False)  # type: ignore[assignment]
+    for mtp in model.mtp_modules():
+        mtp.block = torch.compile(mtp.block, fullgraph=False)  # type: ignore[assignment]
 
 
 def _expert_placement(param: nn.Parameter) -> Shard:
@@ -246,12 +254,14 @@ def apply_fsdp(
     )
     dense_mesh = mesh.dense_fsdp_mesh()
     expert_mesh = mesh.expert_fsdp_mesh()
-    last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
-        # The last block's backward comes right after its forward: gathering it again would
+    # Units in forward order: the blocks, then the MTP modules (each with its block).
+    units: list[tuple[nn.Module, Block]] = [(b, _unwrap(b)) for b in model.layers]
+    units += [(mtp, _unwrap(mtp.block)) for mtp in model.mtp_modules()]
+    last = len(units) - 1
+    for i, (unit, inner) in enumerate(units):
+        # The last unit's backward comes right after its forward: gathering it again would
         # only cost an all-gather (unless always is asked for).
         reshard = {"always": True, "never": False}.get(reshard_after_forward, i != last)
-        inner = _unwrap(block)
         ffn = inner.ffn
         experts = getattr(ffn, "experts", None)
         # At EP = 1 the experts are sharded like every other weight (efsdp = dp_shard, and the
@@ -268,7 +278,7 @@ def apply_fsdp(
             assert isinstance(experts, FSDPModule)
             experts.set_gradient_divide_factor(float(mesh.world_size))
         fully_shard(
-            block,
+            unit,
             mesh=dense_mesh,
             mp_policy=mp,
             reshard_after_forward=reshard,
