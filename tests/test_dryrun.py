@@ -297,7 +297,8 @@ def test_cli_flags(capsys):
 # torch.cuda.max_memory_allocated / max_memory_reserved after a shortened preset run, in
 # GiB. The code then ran bf16 in one process under autocast, FSDP at one rank with its own
 # schedule (a unit gathered per forward and backward), AdamW foreach and the whole-logit
-# loss; the rows are sized for that code (fsdp, keep_gathered=False, fused_optimizer=False).
+# loss; the rows are sized for that code (fsdp, keep_gathered=False, fused_optimizer=False,
+# train.loss_chunk_tokens=0).
 # Reserved is given where it was measured with expandable segments.
 H200_PEAKS = [
     # preset, overrides, FSDP at one rank, allocated, reserved, tolerance
@@ -343,6 +344,7 @@ def test_dry_run_against_the_h200_measurements(pattern, overrides, fsdp, allocat
     figure plus the modelled reserve (the GPU could not be measured again)."""
     (path,) = glob.glob(os.path.join(RUNS, pattern + ".yaml"))
     one = ["parallel.ep=1", "parallel.world_size=1", "data.source=corpus", "data.path=''"]
+    one.append("train.loss_chunk_tokens=0")  # the whole-logit loss, as measured
     cfg = load_config(path, [*overrides, *one], ignore_sections=("cluster",))
     m = size_job(cfg, world_size=1, fsdp=fsdp, keep_gathered=False, fused_optimizer=False).memory
     assert m.allocated / GIB == pytest.approx(allocated, rel=rel)

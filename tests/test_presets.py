@@ -124,7 +124,7 @@ def test_presets_have_the_published_shapes_and_a_node_local_ep_layout():
         2.5,
         True,
     )
-    assert v3.parallel.ep == 8 and v3.parallel.world_size == 80
+    assert v3.parallel.ep == 8 and v3.parallel.world_size == 96
     qw = load_config(preset("qwen3-30b-a3b-*.yaml"))
     m = qw.model
     assert (m.num_layers, m.dim, m.num_heads, m.num_kv_heads, m.head_dim, m.qk_norm) == (
@@ -347,12 +347,16 @@ def test_heads_alone_mean_multi_head():
 @pytest.mark.parametrize(
     ("pattern", "fewer", "mtp_b"),
     [
-        ("deepseek-v3-*.yaml", ["parallel.world_size=72", "train.global_batch_size=0"], 11.61),
+        (
+            "deepseek-v3-*.yaml",
+            ["parallel.world_size=88", "train.global_batch_size=3872"],
+            11.61,
+        ),
         ("qwen3-30b-a3b-*.yaml", ["parallel.world_size=3", "parallel.ep=1"], 0.0),
     ],
 )
 def test_new_presets_are_sized_for_the_fewest_h200_the_dry_run_fits(pattern, fewer, mtp_b):
-    """The dry run fits each at the GPU count its name says (80 = 10x8, 4 = 1x4) on 139 GiB
+    """The dry run fits each at the GPU count its name says (96 = 12x8, 4 = 1x4) on 139 GiB
     H200s, counting the MTP module it trains (DeepSeek-V3's 11.6B), and not at the next
     smaller layout."""
     from trainer.dryrun import size_job
