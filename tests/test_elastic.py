@@ -243,7 +243,16 @@ def test_global_batch_size_gives_one_loss_curve_at_world_1_and_2(tmp_path) -> No
     from tests.distributed import run_ranks
 
     # EP 1 so that both sizes hold every expert on every rank: only the world size differs.
-    common = ["train.steps=10", "parallel.ep=1", "checkpoint.every=0", "train.global_batch_size=16"]
+    # The balance loss is the sequence-wise one: the batch-wide one measures the load over the
+    # micro-batches trained at once (one per rank), which the world size changes (README,
+    # "Elastic continuation").
+    common = [
+        "train.steps=10",
+        "parallel.ep=1",
+        "checkpoint.every=0",
+        "model.moe.aux_loss_scope=sequence",
+        "train.global_batch_size=16",
+    ]
     (one,) = run_ranks(_losses_at, 1, [*common, f"run.output_dir={tmp_path / 'w1'}"])
     two = run_ranks(_losses_at, 2, [*common, f"run.output_dir={tmp_path / 'w2'}"])
     assert one[1] == 4 and two[0][1] == 2  # 16 rows: 4 micro-steps of 4 rows, or 2 x 2 ranks
