@@ -160,6 +160,21 @@ def test_export_writes_the_runs_tokenizer(tmp_path):
         export_hf(ckpt, str(tmp_path / "hf2"))
 
 
+def test_export_goes_on_when_the_dataset_is_out_of_reach(tmp_path, capsys):
+    """The demo's dataset lives on a local S3 endpoint that stops with it: the weights still
+    export, and the output names the manifest it could not read."""
+    data = tmp_path / "data"
+    (data / "manifest.json").mkdir(parents=True)  # there, but not a file to read
+    model = make_model(mixtral_cfg(), seed=4)
+    cfg = job(model.cfg, data=DataConfig(path=str(data)))
+    ckpt = write_checkpoint(model, str(tmp_path / "ckpt"), cfg)
+    assert export_hf(ckpt, str(tmp_path / "hf"))["tokenizer"] is None
+    out = capsys.readouterr().out
+    assert f"could not read the dataset manifest {data}/manifest.json" in out
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert (tmp_path / "hf" / "config.json").exists()
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [

@@ -289,12 +289,23 @@ def _dataset_tokenizer(cfg: JobConfig) -> dict[str, Any] | None:
     root = getattr(cfg.data, "path", "")
     if not root:
         return None
-    fs, p = fsspec.core.url_to_fs(root)
+    url = f"{str(root).rstrip('/')}/{MANIFEST}"
     try:
+        fs, p = fsspec.core.url_to_fs(root)
         with fs.open(f"{p.rstrip('/')}/{MANIFEST}", "r") as f:
             return dict(json.load(f).get("tokenizer") or {})
     except FileNotFoundError:
         return None
+    except Exception as e:  # any store's error: the weights still export
+        # The dataset may be gone or out of reach (a local S3 endpoint that was stopped, no
+        # credentials here): the weights do not depend on it, so they still go out.
+        print(
+            f"export: could not read the dataset manifest {url} (data.path) to find the "
+            f"run's tokenizer ({type(e).__name__}: {e}); no tokenizer files written. If the "
+            "run used a Hugging Face tokenizer, copy its tokenizer.json next to the weights",
+            flush=True,
+        )
+        return {"kind": "unreadable"}
 
 
 def _export_tokenizer(cfg: JobConfig, fs: Any, path: str) -> dict[str, Any] | None:
@@ -302,6 +313,8 @@ def _export_tokenizer(cfg: JobConfig, fs: Any, path: str) -> dict[str, Any] | No
     tokenizer_config.json; returns the manifest's tokenizer record, or None with a note when
     the run used moeyard's byte tokenizer."""
     tok = _dataset_tokenizer(cfg)
+    if tok and tok.get("kind") == "unreadable":
+        return None
     if not tok or tok.get("kind") != "hf":
         print(
             "export: the run used moeyard's byte tokenizer (ids 0-255 are bytes, 256 ends a "
