@@ -644,7 +644,7 @@ def gpu_risks_part(rep: Report, dev: torch.device, *, small: bool) -> None:
         xa = x.clone().requires_grad_()
         out, _ = moe(xa.unsqueeze(0))
         (out[0] * grad_out).sum().backward()
-        w1_grad = moe.experts.w1.grad.clone()
+        w13_grad = moe.experts.w13.grad.clone()
         moe.zero_grad()
         xb = x.clone().requires_grad_()
         rr = moe.router(xb)
@@ -656,9 +656,9 @@ def gpu_risks_part(rep: Report, dev: torch.device, *, small: bool) -> None:
             h = F.silu(xb[tok] @ ex.w1[e]) * (xb[tok] @ ex.w3[e])
             ref = ref.index_add(0, tok, (h @ ex.w2[e]) * rr.weights_TK[tok, k, None])
         (ref * grad_out).sum().backward()
-        finite = bool(torch.isfinite(xa.grad).all()) and bool(torch.isfinite(w1_grad).all())
+        finite = bool(torch.isfinite(xa.grad).all()) and bool(torch.isfinite(w13_grad).all())
         err_x = ((xa.grad - xb.grad).abs().max() / xb.grad.abs().max()).item()
-        err_w = ((w1_grad - ex.w1.grad).abs().max() / ex.w1.grad.abs().max()).item()
+        err_w = ((w13_grad - ex.w13.grad).abs().max() / ex.w13.grad.abs().max()).item()
         dropped = int((~keep).sum())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
@@ -666,7 +666,7 @@ def gpu_risks_part(rep: Report, dev: torch.device, *, small: bool) -> None:
         {
             "check": f"gradients with drops ({dropped} of {T * cfg.top_k} pairs dropped)",
             "result": ("finite" if finite else "NON-FINITE")
-            + f", rel err x {err_x:.1e} w1 {err_w:.1e}",
+            + f", rel err x {err_x:.1e} w13 {err_w:.1e}",
             "notes": "against a per-expert loop over the kept pairs (fp32, TF32 off); want < 1e-4",
         }
     )
