@@ -328,7 +328,11 @@ _OP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "searchsorted",
             "take_along_dim",
             "masked_scatter",
-            "moeyard::",
+            # The combine's custom ops and Triton kernels (moeyard::swiglu is "the rest",
+            # as aten::silu and aten::mul were).
+            "moeyard::combine",
+            "_combine_fwd_kernel",
+            "_combine_bwd_kernel",
             "all_to_all",
             "ep_dispatch",
             "ep_exchange",
