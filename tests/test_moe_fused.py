@@ -265,3 +265,48 @@ def test_state_dict_format_unchanged_and_old_checkpoint_loads(tmp_path) -> None:
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(1, 6, D, generator=gen)
     torch.testing.assert_close(fresh(x)[0], old(x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_old_optimizer_state_loads_into_w13_and_saves_in_the_old_keys(tmp_path) -> None:
+    """AdamW's moments saved per expert as w1/w3/w2 (and the step counters per weight), as
+    trainer/checkpoint.py wrote them before w13, load into w13's halves; saving again gives
+    the same keys and values."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from trainer.checkpoint import _optimizer_targets, optimizer_state
+
+    new, old = pair("torch", torch.float32)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 10, D, generator=gen)
+    opt_old = torch.optim.AdamW(old.experts.parameters(), lr=1e-2)
+    out, _ = old(x)
+    out.square().sum().backward()
+    opt_old.step()
+    saved: dict[str, Any] = {}
+    for w in ("w1", "w3", "w2"):
+        st = opt_old.state[getattr(old.experts, w)]
+        for k in ("exp_avg", "exp_avg_sq"):
+            for i in range(CFG["num_experts"]):
+                saved[f"optim.experts.{i}.{w}.{k}"] = st[k][i].clone()
+        saved[f"optim.experts.{w}.step"] = st["step"].clone()
+    dcp.save(saved, checkpoint_id=str(tmp_path), no_dist=True)
+
+    holder = torch.nn.Module()
+    holder.experts = new.experts
+    opt_new = torch.optim.AdamW(holder.parameters(), lr=1e-2)
+    md = FileSystemReader(str(tmp_path)).read_metadata()
+    targets, installs = _optimizer_targets(holder, opt_new, md)
+    dcp.load(targets, checkpoint_id=str(tmp_path), no_dist=True)
+    for p, st in installs:
+        opt_new.state[p] = st
+    st13 = opt_new.state[new.experts.w13]
+    for k in ("exp_avg", "exp_avg_sq"):
+        want = torch.cat([opt_old.state[old.experts.w1][k], opt_old.state[old.experts.w3][k]], -1)
+        torch.testing.assert_close(st13[k], want, rtol=0, atol=0)
+    assert float(st13["step"]) == 1.0
+
+    again = optimizer_state(holder, opt_new)
+    again.pop("meta.param_groups")
+    assert set(again) == set(saved)
+    for k, v in saved.items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=0, msg=k)
