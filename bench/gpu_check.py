@@ -11,8 +11,10 @@ run), in this order:
                (trainer.moe.MoE through its public constructor, bf16 weights): the dense
                SwiGLU of the same active size (hidden = top_k x F, the compute-equal limit),
                the layer with fp32 weights under autocast (how one process ran before this
-               round), the layer under torch.compile (compile vs eager), torchtitan's MoE
-               when it is installed, and transformers' Mixtral block (grouped_mm experts).
+               round), the layer under torch.compile (compile vs eager), the layer as it was
+               before issue 22's layer half (tests/moe_legacy.py, the same weights),
+               torchtitan's MoE when it is installed, and transformers' Mixtral block
+               (grouped_mm experts).
   grouped_gemm `torch._grouped_mm` TFLOP/s against one dense matmul of the same FLOPs.
   gpu_risks    the MoE path's GPU-only risks: the router fp32 under bf16 autocast, gradients
                with capacity drops against a per-expert reference over the kept pairs (the
@@ -410,6 +412,19 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> Any:
     return module
 
 
+def legacy_moe(moe: Any, shape: dict[str, Any], dev: torch.device) -> tuple[Any, str]:
+    """The layer as it was before issue 22's layer half (tests/moe_legacy.py: w1 and w3 in two
+    grouped GEMMs, SwiGLU by autograd, the combine as K gathers) with `moe`'s weights, bf16;
+    or (None, why not) where the repository's tests/ folder is not there."""
+    try:
+        from tests.moe_legacy import LegacyMoE
+    except ImportError as e:
+        return None, f"tests/moe_legacy.py not importable ({e})"
+    legacy = LegacyMoE(shape["dim"], _moe_cfg(shape)).to(dev)
+    legacy.load_from(moe)
+    return _cast(legacy, torch.bfloat16).train(), "tests/moe_legacy.py, the same weights"
+
+
 def titan_moe(shape: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
     """torchtitan's MoE at this shape (no shared expert, softmax scores, grouped GEMM), or
     (None, why not). torchtitan has moved its MoE between releases; the known places are
@@ -524,6 +539,10 @@ def moe_layer_part(
             "moeyard, fp32 weights under autocast": _moe_step(moe_fp32, x, grad, autocast=True),
         }
         where: dict[str, str] = {}
+        legacy, why = legacy_moe(moe, sh, dev)
+        where["moeyard before issue 22's layer half"] = why
+        if legacy is not None:
+            fns["moeyard, legacy layer"] = _moe_step(legacy, x, grad)
         tt, why = titan_moe(sh, dev, bf16)
         where["torchtitan"] = why
         if tt is not None:
@@ -557,7 +576,7 @@ def moe_layer_part(
             ["layer", "ms", "TFLOP/s", "x dense", "x torchtitan"],
             rows,
         )
-        del moe, moe_fp32, dense, fns, tt, hf
+        del moe, moe_fp32, dense, fns, tt, hf, legacy
         _free(dev)
 
 

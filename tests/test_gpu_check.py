@@ -159,7 +159,12 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert len(layer_rows) == 2
     for rows in layer_rows:
         names = {row["layer"] for row in rows}
-        assert {"dense-active", "moeyard", "transformers Mixtral block"} <= names
+        assert {
+            "dense-active",
+            "moeyard",
+            "moeyard, legacy layer",
+            "transformers Mixtral block",
+        } <= names
 
 
 @pytest.mark.parametrize(
