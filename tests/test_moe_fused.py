@@ -310,3 +310,35 @@ def test_old_optimizer_state_loads_into_w13_and_saves_in_the_old_keys(tmp_path) 
     assert set(again) == set(saved)
     for k, v in saved.items():
         torch.testing.assert_close(again[k], v, rtol=0, atol=0, msg=k)
+
+
+def _ep_rank_with(rank: int, world: int, ep: int, kw: dict, exchange: str, backend: str):
+    """tests/test_moe_ep.py's EP rank with both kernels' `backend` (Triton is interpreted on
+    the CPU)."""
+    from tests.test_moe_ep import _ep_rank
+    from trainer.dispatch import TokenDispatcher
+    from trainer.moe import GroupedExperts
+
+    GroupedExperts.backend = backend
+    TokenDispatcher.kernel_backend = backend
+    return _ep_rank(rank, world, ep, kw, exchange)
+
+
+@needs_triton
+@pytest.mark.parametrize("exchange", ["p2p", "all_to_all"])
+def test_triton_kernels_at_ep2_equal_the_twins(exchange: str) -> None:
+    """At EP 2 the combine sees only the kept rows (a prefix of the sorted order): with
+    capacity drops, the kernels' outputs and gradients equal the twins' at the same layout
+    (each rank drops by its own tokens' capacity, so one process is no reference here)."""
+    from tests.distributed import run_ranks
+
+    kw = {"capacity_factor": 0.5}
+    twins = run_ranks(_ep_rank_with, 2, 2, kw, exchange, "torch")
+    kernels = run_ranks(_ep_rank_with, 2, 2, kw, exchange, "triton")
+    for rank, (a, b) in enumerate(zip(kernels, twins, strict=True)):
+        for k in ("out", "x_grad", "router_grad", "w1_grad", "w2_grad"):
+            scale = b[k].abs().max().item()
+            assert scale > 0, (rank, k)
+            torch.testing.assert_close(
+                a[k], b[k], rtol=1e-5, atol=1e-6 * scale, msg=f"rank {rank} {k}"
+            )

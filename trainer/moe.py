@@ -148,6 +148,8 @@ class GroupedExperts(nn.Module):
     their own: read `w13.grad`).
     """
 
+    backend = "auto"  # trainer.kernels.swiglu's; tests pick "torch" or "triton"
+
     def __init__(self, dim: int, hidden: int, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts  # E in the whole model
@@ -155,7 +157,6 @@ class GroupedExperts(nn.Module):
         self.hidden = hidden
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.backend = "auto"  # trainer.kernels.swiglu's; tests pick "torch" or "triton"
         self._register_state_dict_hook(_experts_to_global_keys)
         self._register_load_state_dict_pre_hook(_experts_from_global_keys, with_module=True)
 
