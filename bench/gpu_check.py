@@ -11,8 +11,10 @@ run), in this order:
                (trainer.moe.MoE through its public constructor, bf16 weights): the dense
                SwiGLU of the same active size (hidden = top_k x F, the compute-equal limit),
                the layer with fp32 weights under autocast (how one process ran before this
-               round), the layer under torch.compile (compile vs eager), torchtitan's MoE
-               when it is installed, and transformers' Mixtral block (grouped_mm experts).
+               round), the layer under torch.compile (compile vs eager), the layer as it was
+               before issue 22's layer half (tests/moe_legacy.py, the same weights),
+               torchtitan's MoE when it is installed, and transformers' Mixtral block
+               (grouped_mm experts).
   grouped_gemm `torch._grouped_mm` TFLOP/s against one dense matmul of the same FLOPs.
   gpu_risks    the MoE path's GPU-only risks: the router fp32 under bf16 autocast, gradients
                with capacity drops against a per-expert reference over the kept pairs (the
@@ -328,7 +330,11 @@ _OP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "searchsorted",
             "take_along_dim",
             "masked_scatter",
-            "moeyard::",
+            # The combine's custom ops and Triton kernels (moeyard::swiglu is "the rest",
+            # as aten::silu and aten::mul were).
+            "moeyard::combine",
+            "_combine_fwd_kernel",
+            "_combine_bwd_kernel",
             "all_to_all",
             "ep_dispatch",
             "ep_exchange",
@@ -404,6 +410,19 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> Any:
         for p in module.parameters():
             p.data = p.data.to(dtype)
     return module
+
+
+def legacy_moe(moe: Any, shape: dict[str, Any], dev: torch.device) -> tuple[Any, str]:
+    """The layer as it was before issue 22's layer half (tests/moe_legacy.py: w1 and w3 in two
+    grouped GEMMs, SwiGLU by autograd, the combine as K gathers) with `moe`'s weights, bf16;
+    or (None, why not) where the repository's tests/ folder is not there."""
+    try:
+        from tests.moe_legacy import LegacyMoE
+    except ImportError as e:
+        return None, f"tests/moe_legacy.py not importable ({e})"
+    legacy = LegacyMoE(shape["dim"], _moe_cfg(shape)).to(dev)
+    legacy.load_from(moe)
+    return _cast(legacy, torch.bfloat16).train(), "tests/moe_legacy.py, the same weights"
 
 
 def titan_moe(shape: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
@@ -520,6 +539,10 @@ def moe_layer_part(
             "moeyard, fp32 weights under autocast": _moe_step(moe_fp32, x, grad, autocast=True),
         }
         where: dict[str, str] = {}
+        legacy, why = legacy_moe(moe, sh, dev)
+        where["moeyard before issue 22's layer half"] = why
+        if legacy is not None:
+            fns["moeyard, legacy layer"] = _moe_step(legacy, x, grad)
         tt, why = titan_moe(sh, dev, bf16)
         where["torchtitan"] = why
         if tt is not None:
@@ -553,7 +576,7 @@ def moe_layer_part(
             ["layer", "ms", "TFLOP/s", "x dense", "x torchtitan"],
             rows,
         )
-        del moe, moe_fp32, dense, fns, tt, hf
+        del moe, moe_fp32, dense, fns, tt, hf, legacy
         _free(dev)
 
 
@@ -644,7 +667,7 @@ def gpu_risks_part(rep: Report, dev: torch.device, *, small: bool) -> None:
         xa = x.clone().requires_grad_()
         out, _ = moe(xa.unsqueeze(0))
         (out[0] * grad_out).sum().backward()
-        w1_grad = moe.experts.w1.grad.clone()
+        w13_grad = moe.experts.w13.grad.clone()
         moe.zero_grad()
         xb = x.clone().requires_grad_()
         rr = moe.router(xb)
@@ -656,9 +679,9 @@ def gpu_risks_part(rep: Report, dev: torch.device, *, small: bool) -> None:
             h = F.silu(xb[tok] @ ex.w1[e]) * (xb[tok] @ ex.w3[e])
             ref = ref.index_add(0, tok, (h @ ex.w2[e]) * rr.weights_TK[tok, k, None])
         (ref * grad_out).sum().backward()
-        finite = bool(torch.isfinite(xa.grad).all()) and bool(torch.isfinite(w1_grad).all())
+        finite = bool(torch.isfinite(xa.grad).all()) and bool(torch.isfinite(w13_grad).all())
         err_x = ((xa.grad - xb.grad).abs().max() / xb.grad.abs().max()).item()
-        err_w = ((w1_grad - ex.w1.grad).abs().max() / ex.w1.grad.abs().max()).item()
+        err_w = ((w13_grad - ex.w13.grad).abs().max() / ex.w13.grad.abs().max()).item()
         dropped = int((~keep).sum())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
@@ -666,7 +689,7 @@ def gpu_risks_part(rep: Report, dev: torch.device, *, small: bool) -> None:
         {
             "check": f"gradients with drops ({dropped} of {T * cfg.top_k} pairs dropped)",
             "result": ("finite" if finite else "NON-FINITE")
-            + f", rel err x {err_x:.1e} w1 {err_w:.1e}",
+            + f", rel err x {err_x:.1e} w13 {err_w:.1e}",
             "notes": "against a per-expert loop over the kept pairs (fp32, TF32 off); want < 1e-4",
         }
     )

@@ -22,8 +22,18 @@ sizes, the row exchange both ways, weighted combine) with each `parallel.ep_exch
 (`p2p` and `all_to_all`), expressed as the same bytes over its time. Printed as medians, and
 as the median of the per-repeat ratios (each repeat against its own raw exchange).
 
-    python bench/moe_layer.py            # both modes, 1 and 2 threads
+Mode `fused` (issue 22, the layer's half): the layer as it is (w13 in one grouped GEMM, the
+fused SwiGLU, the one-pass combine; Triton kernels on CUDA) against the layer it replaced
+(tests/moe_legacy.py: two grouped GEMMs for w1 and w3, SwiGLU by autograd, the combine as K
+gathers), both against a dense SwiGLU of the active size, forward+backward, in interleaved
+rounds of one process. On CUDA: bf16 weights and rows, 8192 tokens, at the issue's shapes
+(Mixtral: D 4096, F 14336, 8 experts, top-2; DeepSeek-V2-Lite: D 2048, F 1408, 64 experts,
+top-6). With `--cpu` (or without a GPU): fp32 at reduced shapes of the same proportions
+(D / 8, the same E and K), 2048 tokens.
+
+    python bench/moe_layer.py            # modes layer and a2a, 1 and 2 threads
     python bench/moe_layer.py --mode layer --threads 2 --repeats 9
+    python bench/moe_layer.py --mode fused --cpu --repeats 7
 """
 
 from __future__ import annotations
@@ -398,11 +408,131 @@ def mode_a2a(args) -> dict:
     }
 
 
+FUSED_SHAPES = {
+    "mixtral": dict(dim=4096, hidden=14336, experts=8, top_k=2, norm_topk_prob=True),
+    "deepseek-v2-lite": dict(dim=2048, hidden=1408, experts=64, top_k=6, norm_topk_prob=False),
+}
+FUSED_SHAPES_CPU = {
+    "mixtral / 8": dict(dim=512, hidden=1792, experts=8, top_k=2, norm_topk_prob=True),
+    "deepseek-v2-lite / 8": dict(dim=256, hidden=176, experts=64, top_k=6, norm_topk_prob=False),
+}
+
+
+def _fused_layers(shape: dict, dev: torch.device, dtype: torch.dtype):
+    from tests.moe_legacy import LegacyMoE
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        num_experts=shape["experts"],
+        top_k=shape["top_k"],
+        expert_hidden=shape["hidden"],
+        norm_topk_prob=shape["norm_topk_prob"],
+        aux_loss_coef=0.01,
+    )
+    D = shape["dim"]
+    new = MoE(D, cfg)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.normal_(0, D**-0.5)
+    old = LegacyMoE(D, cfg)
+    old.load_from(new)
+    dense = SwiGLU(D, cfg.top_k * cfg.expert_hidden)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0, D**-0.5)
+    return {
+        "dense-active": dense.to(dev, dtype),
+        "legacy": old.to(dev, dtype).train(),
+        "new": new.to(dev, dtype).train(),
+    }
+
+
+def _fused_step(name: str, layer, x: torch.Tensor, grad: torch.Tensor) -> None:
+    xi = x.detach().requires_grad_()
+    if name == "dense-active":
+        layer(xi).backward(grad)
+        return
+    out, losses = layer(xi.unsqueeze(0))
+    torch.autograd.backward(
+        [out.squeeze(0), losses.aux_loss], [grad, torch.ones_like(losses.aux_loss)]
+    )
+
+
+def mode_fused(args) -> list[dict]:
+    cuda = torch.cuda.is_available() and not args.cpu
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = FUSED_SHAPES if cuda else FUSED_SHAPES_CPU
+    tokens = 8192 if cuda else 2048
+    if not cuda:
+        torch.set_num_threads(max(args.threads))
+    rows = []
+    for name, shape in shapes.items():
+        layers = _fused_layers(shape, dev, dtype)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(tokens, shape["dim"], generator=gen).to(dev, dtype)
+        g = torch.randn(tokens, shape["dim"], generator=gen).to(dev, dtype)
+        for v, layer in layers.items():
+            for _ in range(2):  # warm-up (Triton compiles its kernels here)
+                _fused_step(v, layer, x, g)
+        times: dict[str, list[float]] = {v: [] for v in layers}
+        for _ in range(args.repeats):
+            for v, layer in layers.items():
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _fused_step(v, layer, x, g)
+                if cuda:
+                    torch.cuda.synchronize()
+                times[v].append(time.perf_counter() - t0)
+        ms = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+        # Each round's ratio against its own dense-active step: the steadier figure on a
+        # shared machine.
+        paired = {
+            v: statistics.median(
+                a / d for a, d in zip(times[v], times["dense-active"], strict=True)
+            )
+            for v in ("legacy", "new")
+        }
+        rows.append(
+            {
+                "shape": name,
+                **{f"{v}_ms": t for v, t in ms.items()},
+                **{f"{v}/dense": r for v, r in paired.items()},
+                "new/legacy": statistics.median(
+                    a / b for a, b in zip(times["new"], times["legacy"], strict=True)
+                ),
+            }
+        )
+        del layers
+    kind = "bf16 CUDA" if cuda else f"fp32 CPU, {max(args.threads)} threads"
+    print(
+        f"\nMoE layer fwd+bwd, legacy against new, {kind}, {tokens} tokens, median of "
+        f"{args.repeats} interleaved rounds (ratios: median of the per-round ratios)"
+    )
+    print(
+        f"{'shape':<22} {'dense ms':>9} {'legacy ms':>10} {'new ms':>8} "
+        f"{'legacy/dense':>13} {'new/dense':>10} {'new/legacy':>11}"
+    )
+    for r in rows:
+        print(
+            f"{r['shape']:<22} {r['dense-active_ms']:>9.1f} {r['legacy_ms']:>10.1f} "
+            f"{r['new_ms']:>8.1f} {r['legacy/dense']:>13.2f} {r['new/dense']:>10.2f} "
+            f"{r['new/legacy']:>11.2f}"
+        )
+    if cuda:
+        print("targets (issue 22, H200): new/dense <= 1.15 (Mixtral), <= 1.9 (DeepSeek-V2-Lite)")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--mode", choices=["layer", "a2a", "all"], default="all")
+    ap.add_argument("--mode", choices=["layer", "a2a", "fused", "all"], default="all")
+    ap.add_argument(
+        "--cpu", action="store_true", help="mode fused: on the CPU at reduced shapes, even on a GPU"
+    )
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (use 25 for --mode a2a)")
@@ -439,6 +569,8 @@ def main() -> None:
         mode_layer(args)
     if args.mode in ("a2a", "all"):
         mode_a2a(args)
+    if args.mode == "fused":
+        mode_fused(args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ import pytest
 # multi-rank tests run several ranks at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Without a GPU, Triton kernels (trainer/kernels.py) run through Triton's interpreter; it must
+# be switched on before anything imports triton.
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Ray's own state for this test session, in a folder of its own, set before anything imports
 # ray: `ray.cluster_utils.Cluster` and `ray.init` write their address file under
 # $RAY_TMPDIR/ray, which on a new machine does not exist yet (and on a used one holds

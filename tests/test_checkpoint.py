@@ -207,15 +207,15 @@ def test_reshard_between_ep1_and_dp2_ep2(s3_bucket: str) -> None:
     assert all(torch.equal(live[k], full[k]) for k in full)
     opt_keys = [k for k in keys if k.startswith("optim.layers.1.ffn.experts.")]
     saved = read_objects_tensors(url, opt_keys)
-    w1 = state.model.layers[1].ffn.experts.w1
-    moments = state.optimizer.state[w1]
+    experts = state.model.layers[1].ffn.experts
+    moments = state.optimizer.state[experts.w13]
+    F = experts.hidden
     for e in range(8):
-        assert torch.equal(
-            moments["exp_avg"][e], saved[f"optim.layers.1.ffn.experts.{e}.w1.exp_avg"]
-        )
-        assert torch.equal(
-            moments["exp_avg_sq"][e], saved[f"optim.layers.1.ffn.experts.{e}.w1.exp_avg_sq"]
-        )
+        for w, half in (("w1", slice(None, F)), ("w3", slice(F, None))):
+            for m in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(
+                    moments[m][e][..., half], saved[f"optim.layers.1.ffn.experts.{e}.{w}.{m}"]
+                )
     # Step 5 updates the loaded weights with the loaded moments; step 6's loss sees it.
     ep2_losses = results[0]["losses"]
     ep1_losses = run(cfg).losses

@@ -79,7 +79,7 @@ def _first_grads(state) -> dict[str, torch.Tensor]:
     import torch.nn.functional as F
 
     from trainer.model import plain_name
-    from trainer.moe import GroupedExperts, expert_slice
+    from trainer.moe import EXPERT_PARTS, GroupedExperts, expert_slice
     from trainer.parallelize import blocks
 
     model = state.model
@@ -93,12 +93,13 @@ def _first_grads(state) -> dict[str, torch.Tensor]:
         experts = getattr(block.ffn, "experts", None)
         if not isinstance(experts, GroupedExperts):
             continue
-        for w in ("w1", "w3", "w2"):
-            p = getattr(experts, w)
+        for name, parts in EXPERT_PARTS.items():
+            p = getattr(experts, name)
             expert_ids.add(id(p))
             for j in range(experts.num_local_experts):
                 gid = experts.expert_offset + j
-                keyed[f"layers.{i}.ffn.experts.{gid}.{w}"] = expert_slice(p.grad, j)
+                for w, part in parts:
+                    keyed[f"layers.{i}.ffn.experts.{gid}.{w}"] = expert_slice(p.grad, j, part)
     for name, p in model.named_parameters():
         if id(p) not in expert_ids and p.grad is not None:
             keyed[plain_name(name)] = p.grad

@@ -41,6 +41,9 @@ import gpu_check  # noqa: E402
         (["aten::sort", "aten::argsort"], "permutation and combine"),
         (["aten::copy_", "aten::scatter_add_"], "permutation and combine"),
         (["moeyard::ep_dispatch"], "permutation and combine"),
+        (["_combine_fwd_kernel", "moeyard::combine"], "permutation and combine"),
+        (["aten::index_select", "moeyard::combine_backward"], "permutation and combine"),
+        (["_swiglu_fwd_kernel", "moeyard::swiglu"], "the rest"),
         (["aten::_fused_adamw_", "Optimizer.step#AdamW.step"], "optimizer"),
         (["aten::mul_", "aten::_foreach_mul_"], "optimizer"),
         # A context owns what runs in it, GEMM-like or not.
@@ -156,7 +159,12 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert len(layer_rows) == 2
     for rows in layer_rows:
         names = {row["layer"] for row in rows}
-        assert {"dense-active", "moeyard", "transformers Mixtral block"} <= names
+        assert {
+            "dense-active",
+            "moeyard",
+            "moeyard, legacy layer",
+            "transformers Mixtral block",
+        } <= names
 
 
 @pytest.mark.parametrize(

@@ -78,11 +78,7 @@ def scramble(model: Transformer, seed: int) -> Transformer:
         if p.ndim == 1:
             p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g))
             continue
-        fan_in = (
-            p.shape[-2]
-            if name.endswith(("experts.w1", "experts.w3", "experts.w2"))
-            else p.shape[-1]
-        )
+        fan_in = p.shape[-2] if name.endswith(("experts.w13", "experts.w2")) else p.shape[-1]
         gain = 3.0 if "router" in name else 1.0
         p.copy_(torch.empty(p.shape).normal_(0.0, gain / math.sqrt(fan_in), generator=g))
     return model

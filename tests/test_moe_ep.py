@@ -62,7 +62,7 @@ def _reference(world: int, **kw):
         "out": out.view(-1, D).detach(),
         "x_grad": x.grad,
         "router_grad": moe.router.weight.grad,
-        "w1_grad": moe.experts.w1.grad,
+        "w1_grad": moe.experts.w13.grad,
         "w2_grad": moe.experts.w2.grad,
         "aux": losses.aux_loss.detach(),
     }
@@ -92,7 +92,7 @@ def _ep_rank(rank: int, world: int, ep: int, kw: dict, exchange: str = "auto"):
     ).backward()
     router_grad = moe.router.weight.grad.clone()
     dist.all_reduce(router_grad)
-    w1_grad, w2_grad = moe.experts.w1.grad.clone(), moe.experts.w2.grad.clone()
+    w1_grad, w2_grad = moe.experts.w13.grad.clone(), moe.experts.w2.grad.clone()
     if mesh.dp > 1:
         dist.all_reduce(w1_grad, group=mesh.group("dp"))
         dist.all_reduce(w2_grad, group=mesh.group("dp"))
@@ -215,7 +215,7 @@ def _grads_after_sync(rank: int, world: int, ep: int):
                 captured[name + "@slice"] = [(o, o + n) for o, n in zip(offset, shape, strict=True)]
                 g = g.to_local()
             captured[name] = g.clone()
-            if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            if name.endswith(("experts.w13", "experts.w2")):
                 off = state.model.moe_layers()[0].experts.expert_offset
                 captured[name + "@offset"] = torch.tensor(off)
 
@@ -233,7 +233,7 @@ def test_gradient_scale_at_ep2_equals_ep1():
             if name.endswith(("@offset", "@slice")):
                 continue
             want = ref[name]
-            if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            if name.endswith(("experts.w13", "experts.w2")):
                 off = int(got[name + "@offset"])
                 want = want[off : off + got[name + "@slice"][0][1] - got[name + "@slice"][0][0]]
             if name + "@slice" in got:

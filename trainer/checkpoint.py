@@ -18,6 +18,8 @@ What one checkpoint holds, as one flat DCP state dict:
     optim.<param>.<state>             AdamW moments of dense parameters, and the step counter
     optim.<experts>.<id>.<w>.<state>  the moments of one expert, split out of the stacked
                                       [L, D, F] tensor by global id so they reshard with it
+                                      (w13's moments as w1's and w3's, its step as
+                                      `optim.<experts>.w1.step` and `.w3.step`)
     meta.progress, meta.scheduler,    pickled objects: step and tokens, LR schedule, optimizer
     meta.param_groups, meta.data,     hyperparameters, the data reader's cursor, the resolved
     meta.config, meta.layout,         config, the layout it was saved at, and the loss
@@ -73,7 +75,7 @@ from torch.futures import Future
 from trainer.config import CheckpointConfig
 from trainer.mesh import Mesh
 from trainer.model import local_of, plain_name
-from trainer.moe import _EXPERT_WEIGHTS, GroupedExperts, expert_slice
+from trainer.moe import EXPERT_PARTS, GroupedExperts, expert_slice
 
 if TYPE_CHECKING:
     from trainer.run_state import RunState
@@ -177,14 +179,18 @@ def retained(complete: list[int], cfg: CheckpointConfig) -> set[int]:
 # --- what goes into a checkpoint -------------------------------------------------------
 
 
-def _expert_params(model: nn.Module) -> dict[str, tuple[GroupedExperts, str, str]]:
-    """Stacked expert parameter name -> (module, module name, weight name)."""
+ExpertParts = tuple[tuple[str, tuple[int, int] | None], ...]
+
+
+def _expert_params(model: nn.Module) -> dict[str, tuple[GroupedExperts, str, ExpertParts]]:
+    """Stacked expert parameter name -> (module, module name, the per-expert weights it is
+    saved as: `EXPERT_PARTS`, e.g. w13 as w1 and w3)."""
     out = {}
     for mname, module in model.named_modules():
         if isinstance(module, GroupedExperts):
             mname = plain_name(mname)
-            for w in _EXPERT_WEIGHTS:
-                out[f"{mname}.{w}"] = (module, mname, w)
+            for name, parts in EXPERT_PARTS.items():
+                out[f"{mname}.{name}"] = (module, mname, parts)
     return out
 
 
@@ -228,12 +234,20 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     for p, st in optimizer.state.items():
         fqn = names[id(p)]
         for k, v in st.items():
-            if fqn in experts and isinstance(v, Tensor) and v.shape == p.shape:
-                module, mname, w = experts[fqn]
-                for i in range(v.shape[0]):
-                    out[f"optim.{mname}.{module.expert_offset + i}.{w}.{k}"] = expert_slice(v, i)
-            else:
-                out[f"optim.{fqn}.{k}"] = v if isinstance(v, Tensor) else pickle.dumps(v)
+            value = v if isinstance(v, Tensor) else pickle.dumps(v)
+            if fqn not in experts:
+                out[f"optim.{fqn}.{k}"] = value
+                continue
+            module, mname, parts = experts[fqn]
+            for w, part in parts:
+                if isinstance(v, Tensor) and v.shape == p.shape:
+                    for i in range(v.shape[0]):
+                        key = f"optim.{mname}.{module.expert_offset + i}.{w}.{k}"
+                        out[key] = expert_slice(v, i, part)
+                else:
+                    # Per saved weight (w13's step counter as w1's and w3's), as when they
+                    # were separate parameters.
+                    out[f"optim.{mname}.{w}.{k}"] = value
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     out["meta.param_groups"] = pickle.dumps(groups)
     return out
@@ -436,16 +450,19 @@ def _optimizer_targets(
     targets: dict[str, Any] = {}
     installs: list[tuple[nn.Parameter, dict[str, Any]]] = []
 
-    def alloc(key: str, p: Tensor, *, stacked: bool = False) -> Any:
+    def alloc(key: str, p: Tensor, *, stacked: bool = False, num_parts: int = 1) -> Any:
         """A tensor to load `key` into: shaped (and, under FSDP, sharded) like `p` when the
-        saved state has p's shape (or one expert of it), else as saved. A scalar stays on
-        the CPU: AdamW keeps its `step` there (a device `step` costs a host sync per
-        parameter per step on the non-capturable path)."""
+        saved state has p's shape (or one expert of it, or one of its `num_parts` parts),
+        else as saved. A scalar stays on the CPU: AdamW keeps its `step` there (a device
+        `step` costs a host sync per parameter per step on the non-capturable path)."""
         m = meta[key]
         if isinstance(m, BytesStorageMetadata):
             return b""
         size = tuple(m.size)
-        if size == tuple(p.shape[1:] if stacked else p.shape):
+        want = tuple(p.shape)
+        if stacked:
+            want = (*want[1:-1], want[-1] // num_parts)
+        if size == want:
             return torch.empty_like(p, dtype=m.properties.dtype)
         device = "cpu" if not size else local_of(p).device
         return torch.empty(size, dtype=m.properties.dtype, device=device)
@@ -454,19 +471,24 @@ def _optimizer_targets(
         for p in group["params"]:
             fqn = names[id(p)]
             st: dict[str, Any] = {}
+            prefix = f"optim.{fqn}."
             if fqn in experts:
-                module, mname, w = experts[fqn]
-                first = f"optim.{mname}.{module.expert_offset}.{w}."
+                module, mname, parts = experts[fqn]
+                # Moments by the first saved weight's keys; every part's loads into its slice.
+                w0 = parts[0][0]
+                first = f"optim.{mname}.{module.expert_offset}.{w0}."
                 for key in [k for k in meta if k.startswith(first)]:
                     name = key[len(first) :]
-                    stacked = alloc(key, p, stacked=True)
-                    for i in range(module.num_local_experts):
-                        k = f"optim.{mname}.{module.expert_offset + i}.{w}.{name}"
-                        if k not in meta:
-                            raise CheckpointError(f"checkpoint optimizer state lacks {k}")
-                        targets[k] = expert_slice(stacked, i)
+                    stacked = alloc(key, p, stacked=True, num_parts=len(parts))
+                    for w, part in parts:
+                        for i in range(module.num_local_experts):
+                            k = f"optim.{mname}.{module.expert_offset + i}.{w}.{name}"
+                            if k not in meta:
+                                raise CheckpointError(f"checkpoint optimizer state lacks {k}")
+                            targets[k] = expert_slice(stacked, i, part)
                     st[name] = stacked
-            prefix = f"optim.{fqn}."
+                # Other state (the step counter) is saved per saved weight; the first one's.
+                prefix = f"optim.{mname}.{w0}."
             for key in [k for k in meta if k.startswith(prefix) and "." not in k[len(prefix) :]]:
                 targets[key] = st[key[len(prefix) :]] = alloc(key, p)
             if st:

@@ -10,13 +10,15 @@ exchanges per-expert counts, sends each rank the rows of its experts and returns
 the same way. Model code calls a dispatcher and never holds a process group itself.
 
 The token rows are copied once on the way in (one gather from tokens to expert-sorted rows)
-and read once on the way out: the combine is one fused weighted gather-sum
-(`F.embedding_bag` with per-pair weights) for fp32 rows, and K gathers multiply-added into an
-fp32 [T, D] for bf16 rows, so their sum is accumulated in fp32 either way; there is no
-[T * K, D] weighted or fp32 copy. Each direction is a custom autograd function whose
-backward is again a gather (or a gather-sum) through the inverse permutation, so neither
-direction scatters with `index_add_`: the whole path is deterministic on CUDA, forward and
-backward, and needs no `train.deterministic` switch.
+and read once on the way out: the combine (`trainer.kernels.combine`) reads each token's K
+expert rows once, multiplies them by fp32 weights, sums in fp32 and writes the token once in
+the output dtype (a Triton kernel on CUDA; its twin, one fused `F.embedding_bag` for fp32
+rows, elsewhere); there is no [T * K, D] weighted or fp32 copy. The indices both directions
+need (the token of each sorted row, the sorted row of each pair) are derived once per layer
+in `DispatchMeta` and reused by the backward. Each direction's backward is again a gather
+(or a gather-sum) through the inverse permutation, so neither direction scatters with
+`index_add_`: the whole path is deterministic on CUDA, forward and backward, and needs no
+`train.deterministic` switch.
 
 Between ranks (`parallel.ep_exchange`):
 - `p2p` sends every (rank, local expert) chunk of rows straight to its place: the receiver
@@ -45,6 +47,7 @@ copy). `tests/test_moe_sync.py` counts them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +57,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
+
+from trainer.kernels import combine
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,10 @@ class DispatchMeta:
         from each EP rank for each local expert, flattened [ep * L] (EP>1 only).
     regroup_R / ungroup_R: source-major received rows -> local-expert-major and back
         (`all_to_all` exchange only).
+
+    Derived once per layer, here, and read by both directions' forward and backward:
+    token_S: the token of each sorted row (order_S // K); pos_TK: the sorted row of each
+        pair, a dropped pair pointed at row 0 (see `_safe_pos`); keep_TK: keep_P as [T, K].
     """
 
     order_S: Tensor
@@ -78,10 +87,33 @@ class DispatchMeta:
     recv_SL: list[int] | None = None
     regroup_R: Tensor | None = None
     ungroup_R: Tensor | None = None
+    token_S: Tensor = dataclasses.field(init=False, repr=False)
+    pos_TK: Tensor = dataclasses.field(init=False, repr=False)
+    keep_TK: Tensor | None = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        T, K = self.weights_TK.shape
+        keep_TK = None if self.keep_P is None else self.keep_P.view(T, K)
+        object.__setattr__(self, "token_S", self.order_S // K)
+        object.__setattr__(self, "pos_TK", _safe_pos(self.pos_P, self.keep_P).view(T, K))
+        object.__setattr__(self, "keep_TK", keep_TK)
+
+    def evolve(self, **changes: Any) -> DispatchMeta:
+        """A copy with the exchange fields in `changes` set (send_SL, recv_SL, regroup_R,
+        ungroup_R); the derived indices are kept, not computed again."""
+        assert set(changes) <= {"send_SL", "recv_SL", "regroup_R", "ungroup_R"}, changes
+        new = copy.copy(self)
+        for k, v in changes.items():
+            object.__setattr__(new, k, v)
+        return new
 
     @property
     def num_tokens(self) -> int:
         return self.weights_TK.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.weights_TK.shape[1]
 
 
 def expert_counts(ids_TK: Tensor, num_bins: int) -> Tensor:
@@ -112,28 +144,31 @@ def sort_pairs(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor
 
 
 class _ReplicateRows(torch.autograd.Function):
-    """rows_S[s] = x_TD[order_S[s] // K], zero for dropped pairs.
+    """rows_S[s] = x_TD[token_S[s]], zero for dropped pairs.
 
-    Backward: grad_x[t] = sum over k of grad_rows[pos_P[t * K + k]], one fused gather-sum
+    Backward: grad_x[t] = sum over k of grad_rows[pos_TK[t, k]], one fused gather-sum
     (`F.embedding_bag`, no scatter and no [T * K, D] temporary); a dropped pair reads a kept
     row with weight 0, so a gradient row the grouped GEMM left unwritten never enters the sum.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x_TD: Tensor, order_S: Tensor, pos_P: Tensor, keep_P: Tensor | None, top_k: int
+        ctx: Any,
+        x_TD: Tensor,
+        token_S: Tensor,
+        order_S: Tensor,
+        pos_TK: Tensor,
+        keep_P: Tensor | None,
     ) -> Tensor:
-        rows_SD = x_TD.index_select(0, order_S // top_k)
+        rows_SD = x_TD.index_select(0, token_S)
         if keep_P is not None:
             rows_SD.masked_fill_(~keep_P[order_S].unsqueeze(1), 0)
-        ctx.save_for_backward(pos_P, keep_P)
-        ctx.top_k = top_k
+        ctx.save_for_backward(pos_TK, keep_P)
         return rows_SD
 
     @staticmethod
     def backward(ctx: Any, grad_SD: Tensor) -> tuple[Tensor | None, ...]:
-        pos_P, keep_P = ctx.saved_tensors
-        pos_TK = _safe_pos(pos_P, keep_P).view(-1, ctx.top_k)
+        pos_TK, keep_P = ctx.saved_tensors
         keep_w = None if keep_P is None else keep_P.view_as(pos_TK).to(grad_SD.dtype)
         grad_TD = F.embedding_bag(pos_TK, grad_SD, mode="sum", per_sample_weights=keep_w)
         return grad_TD, None, None, None, None
@@ -146,71 +181,6 @@ def _safe_pos(pos_P: Tensor, keep_P: Tensor | None) -> Tensor:
     if keep_P is None:
         return pos_P
     return torch.where(keep_P, pos_P, 0)
-
-
-class _Combine(torch.autograd.Function):
-    """out[t] = sum over k of w[t, k] * y[pos[t, k]], accumulated in fp32.
-
-    y_SD holds the expert outputs of the kept pairs (a prefix of the expert-sorted order) and
-    may hold more rows (the dropped pairs' rows at EP=1, never read). Forward: for fp32 rows
-    one fused weighted gather-sum (`F.embedding_bag`); for bf16 rows K gathers of [T, D]
-    multiply-added into one fp32 [T, D] (no fp32 copy of the rows). Backward: one gather
-    g[s] = grad_out[token of s]; then grad_w[s] = <y[s], g[s]> (row chunks of T) and
-    grad_y[s] = w[s] * g[s] in place. No scatter.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        y_SD: Tensor,
-        weights_TK: Tensor,
-        order_S: Tensor,
-        pos_P: Tensor,
-        keep_P: Tensor | None,
-    ) -> Tensor:
-        T, K = weights_TK.shape
-        pos_TK = _safe_pos(pos_P, keep_P).view(T, K)
-        # A dropped pair reads row 0: its weight must be 0, whatever the caller passed.
-        w_TK = weights_TK if keep_P is None else weights_TK.masked_fill(~keep_P.view(T, K), 0)
-        if y_SD.dtype in (torch.float32, torch.float64):
-            out_TD = F.embedding_bag(
-                pos_TK, y_SD, mode="sum", per_sample_weights=w_TK.to(y_SD.dtype)
-            )
-        else:
-            out_TD = torch.zeros(T, y_SD.shape[1], dtype=torch.float32, device=y_SD.device)
-            for k in range(K):
-                out_TD.addcmul_(y_SD.index_select(0, pos_TK[:, k]), w_TK[:, k : k + 1])
-        ctx.save_for_backward(y_SD, w_TK, order_S, pos_TK, keep_P)
-        return out_TD
-
-    @staticmethod
-    def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor | None, ...]:
-        y_SD, weights_TK, order_S, pos_TK, keep_P = ctx.saved_tensors
-        T, K = weights_TK.shape
-        R = y_SD.shape[0]
-        order_R = order_S[:R]
-        # g_R[s] = grad_out[token of s]: one gather serves both gradients.
-        g_RD = grad_TD.index_select(0, order_R // K)
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            # <y[s], grad_out[token of s]> in row chunks: no [T * K, D] product at once.
-            dot_R = torch.cat(
-                [
-                    torch.linalg.vecdot(y_c.to(g_c.dtype), g_c)
-                    for y_c, g_c in zip(y_SD.split(T), g_RD.split(T), strict=True)
-                ]
-            )
-            grad_w = dot_R.index_select(0, pos_TK.reshape(-1)).view(T, K)
-            if keep_P is not None:
-                # masked_fill, not a multiply: a dropped row may hold NaN, and a dropped
-                # pair read row 0 in the forward with weight 0.
-                grad_w.masked_fill_(~keep_P.view(T, K), 0)
-        grad_y = None
-        if ctx.needs_input_grad[0]:
-            # Dropped pairs have weight 0, so their rows get a zero gradient.
-            w_R = weights_TK.reshape(-1).index_select(0, order_R).unsqueeze(1)
-            grad_y = g_RD.mul_(w_R).to(y_SD.dtype)
-        return grad_y, grad_w, None, None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -239,22 +209,36 @@ def permute_rows(x: Tensor, idx: Tensor, inv_idx: Tensor, keep: Tensor | None = 
     return _PermuteRows.apply(x, idx, inv_idx, keep)
 
 
-def replicate_rows(
-    x_TD: Tensor, order_S: Tensor, pos_P: Tensor, keep_P: Tensor | None, top_k: int
-) -> Tensor:
+def replicate_rows(x_TD: Tensor, meta: DispatchMeta) -> Tensor:
     """Each token's row once per pair, in expert-sorted order: [T * K, D] (see _ReplicateRows)."""
-    return _ReplicateRows.apply(x_TD, order_S, pos_P, keep_P, top_k)
+    return _ReplicateRows.apply(x_TD, meta.token_S, meta.order_S, meta.pos_TK, meta.keep_P)
 
 
-def weighted_combine(y_SD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
-    """out[t] = sum over t's pairs of weight * expert output, accumulated in fp32.
+def weighted_combine(
+    y_SD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype, *, backend: str = "auto"
+) -> Tensor:
+    """out[t] = sum over t's pairs of weight * expert output, accumulated in fp32, as
+    out_dtype.
 
     y_SD: expert outputs in expert-sorted order, at least the kept pairs' rows (rows of
     dropped pairs, where present, may hold anything, NaN included: they are never read).
-    See `_Combine`.
+    One pass over the K rows of each token (`trainer.kernels.combine`: a Triton kernel on
+    CUDA, its twin elsewhere, chosen by `backend`); the backward is one pass over the rows.
     """
-    out_TD = _Combine.apply(y_SD, meta.weights_TK, meta.order_S, meta.pos_P, meta.keep_P)
-    return out_TD.to(out_dtype)
+    # A dropped pair reads row 0: its weight must be 0, whatever the caller passed.
+    w_TK = meta.weights_TK
+    if meta.keep_TK is not None:
+        w_TK = w_TK.masked_fill(~meta.keep_TK, 0)
+    return combine(
+        y_SD,
+        w_TK,
+        token_S=meta.token_S,
+        order_S=meta.order_S,
+        pos_TK=meta.pos_TK,
+        keep_TK=meta.keep_TK,
+        out_dtype=out_dtype,
+        backend=backend,
+    )
 
 
 def _pairs(
@@ -274,6 +258,7 @@ class TokenDispatcher:
     num_experts: int
     num_local_experts: int
     expert_offset: int  # global id of this rank's first expert
+    kernel_backend = "auto"  # the combine's (`trainer.kernels`); tests pick "torch"/"triton"
 
     def dispatch(
         self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, *, may_drop: bool = True
@@ -309,14 +294,13 @@ class LocalDispatcher(TokenDispatcher):
     ) -> tuple[Tensor, Tensor, DispatchMeta]:
         order_S, pos_P, counts_E, keep_P, w_TK = _pairs(ids_TK, weights_TK, self.num_experts)
         keep_P = keep_P if may_drop else None
+        meta = DispatchMeta(order_S=order_S, pos_P=pos_P, weights_TK=w_TK, keep_P=keep_P)
         # Dropped pairs sort last: their rows stay in the buffer past the last offset, as
         # zeros, so the count of kept pairs never has to reach the host.
-        rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
-        meta = DispatchMeta(order_S=order_S, pos_P=pos_P, weights_TK=w_TK, keep_P=keep_P)
-        return rows_SD, counts_E, meta
+        return replicate_rows(x_TD, meta), counts_E, meta
 
     def combine(self, y_RD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
-        return weighted_combine(y_RD, meta, out_dtype)
+        return weighted_combine(y_RD, meta, out_dtype, backend=self.kernel_backend)
 
     def sum_over_batch(self, t: Tensor) -> Tensor:
         if self.batch_group is None:
@@ -576,35 +560,28 @@ class AllToAllDispatcher(TokenDispatcher):
         # activation checkpointing keeps their outputs, and a recompute reuses them instead
         # of issuing the collective again; an in-place one would leave its buffer unwritten.
         recv_pending = funcol.all_to_all_single(send_counts_SL, None, None, group=self.ep_group)
+        meta = DispatchMeta(order_S=order_S, pos_P=pos_P, weights_TK=w_TK, keep_P=keep_P)
         p2p = self.exchange == "p2p"
         if not p2p:
             # The rows are gathered while the counts travel (the wait orders streams on NCCL;
             # it is not a host sync).
-            rows_SD = replicate_rows(x_TD, order_S, pos_P, keep_P, ids_TK.shape[1])
+            rows_SD = replicate_rows(x_TD, meta)
         recv_counts_SL = funcol.wait_tensor(recv_pending)
         # The one device-to-host sync of the layer: both directions' chunk sizes in one copy.
         counts = torch.cat([send_counts_SL.reshape(-1), recv_counts_SL.reshape(-1)])
         host = counts.to("cpu", copy=True).tolist()
         send_SL, recv_SL = host[: ep * L], host[ep * L :]
         num_kept = sum(send_SL)
-        meta = DispatchMeta(
-            order_S=order_S,
-            pos_P=pos_P,
-            weights_TK=w_TK,
-            keep_P=keep_P,
-            send_SL=send_SL,
-            recv_SL=recv_SL,
-        )
+        meta = meta.evolve(send_SL=send_SL, recv_SL=recv_SL)
         counts_L = recv_counts_SL.sum(0)
         if p2p:
             # Gathered and sent in one op: the kept rows (a prefix of the sorted order) are
             # all that travels, and this rank's own rows go straight into place.
-            K = ids_TK.shape[1]
-            token_S = order_S[:num_kept] // K
-            pos_TK = _safe_pos(pos_P, keep_P).view(-1, K)
-            keep_TK = None if keep_P is None else keep_P.view(-1, K)
+            token_S = meta.token_S[:num_kept]
             group_name = self.ep_group.group_name
-            x_RD = ep_dispatch(x_TD, token_S, pos_TK, keep_TK, send_SL, recv_SL, group_name)
+            x_RD = ep_dispatch(
+                x_TD, token_S, meta.pos_TK, meta.keep_TK, send_SL, recv_SL, group_name
+            )
             return x_RD, counts_L, meta
         # Kept rows are a prefix of the sorted buffer: the view costs no copy.
         send_SD = rows_SD if num_kept == rows_SD.shape[0] else rows_SD[:num_kept]
@@ -613,7 +590,7 @@ class AllToAllDispatcher(TokenDispatcher):
             send_SD, recv_splits, send_splits, group=self.ep_group
         )
         regroup_R, ungroup_R = regroup_indices(recv_counts_SL, sum(recv_splits))
-        meta = dataclasses.replace(meta, regroup_R=regroup_R, ungroup_R=ungroup_R)
+        meta = meta.evolve(regroup_R=regroup_R, ungroup_R=ungroup_R)
         return permute_rows(x_recv_RD, regroup_R, ungroup_R), counts_L, meta
 
     def combine(self, y_RD: Tensor, meta: DispatchMeta, out_dtype: torch.dtype) -> Tensor:
@@ -634,7 +611,7 @@ class AllToAllDispatcher(TokenDispatcher):
                 _per_rank(meta.recv_SL, self.ep),
                 group=self.ep_group,
             )
-        return weighted_combine(y_SD, meta, out_dtype)
+        return weighted_combine(y_SD, meta, out_dtype, backend=self.kernel_backend)
 
     def sum_over_batch(self, t: Tensor) -> Tensor:
         if self.batch_group is None:

@@ -383,8 +383,10 @@ def activation_parts(cfg: ModelConfig, *, a: int, r: int) -> ActivationParts:
     dense_sel = 2 * a * cfg.dense_hidden + a * D
     moe = cfg.moe
     K, F, E = moe.top_k, moe.expert_hidden, moe.num_experts
-    routed = K * (r * D + 4 * a * F + a * D + 4 * D)  # rows in, hiddens, out, fp32 combine
-    routed_sel = K * (a * D + 2 * a * F + 2 * a * D)  # rows in, w1/w3 outs, w2 out, rows back
+    # rows in, hiddens (the [R, 2F] output of w13's grouped GEMM the fused SwiGLU keeps, and
+    # its [R, F] output w2's grouped GEMM keeps), out, fp32 combine
+    routed = K * (r * D + 3 * a * F + a * D + 4 * D)
+    routed_sel = K * (a * D + 2 * a * F + 2 * a * D)  # rows in, w13's out, w2 out, rows back
     moe_full = 2 * r * D + 8 * E + routed  # norm input and output, router logits and scores
     moe_sel = 4 * E + 12 * K + routed_sel  # router logits, top-k ids and weights
     if moe.num_shared_experts:

@@ -37,7 +37,7 @@ from trainer.config import ModelConfig
 from trainer.layers import RMSNorm, apply_rope, rope_tables
 from trainer.loss import LossKernel, linear_cross_entropy
 from trainer.mla import MLAttention
-from trainer.moe import GroupedExperts, MoE, Router, SwiGLU
+from trainer.moe import EXPERT_PARTS, GroupedExperts, MoE, Router, SwiGLU
 
 __all__ = [
     "Attention",
@@ -307,10 +307,21 @@ def init_weights(model: Transformer, seed: int) -> None:
                 # hair-breadth margins that one step flips for whole token types at once.
                 s = p.shape[-1] ** -0.5
             if isinstance(module, GroupedExperts):
+                # Each expert's saved weight (w13 holds w1 and w3) from its own name, so the
+                # draws are those of separate w1/w3 parameters at any layout.
+                parts = EXPERT_PARTS[p_name]
+                shape = (*p.shape[1:-1], p.shape[-1] // len(parts))
+                base = full[: -len(p_name)]
                 draws = []
                 for i in range(p.shape[0]):
-                    g = _generator(seed, f"{full}.{module.expert_offset + i}")
-                    draws.append(torch.empty(p.shape[1:]).normal_(0.0, s, generator=g))
+                    gid = module.expert_offset + i
+                    halves = [
+                        torch.empty(shape).normal_(
+                            0.0, s, generator=_generator(seed, f"{base}{saved}.{gid}")
+                        )
+                        for saved, _ in parts
+                    ]
+                    draws.append(torch.cat(halves, dim=-1))
                 _fill(p, torch.stack(draws).to(local_of(p).device))
             else:
                 g = _generator(seed, full)

@@ -1,7 +1,8 @@
 """The Mixture-of-Experts feed-forward block: router, grouped SwiGLU experts, load balance.
 
 Shape legend: T tokens, D model dim, K top-k, E experts in total, L experts held here,
-F expert hidden, R rows (token, expert pairs) grouped by local expert, G expert groups.
+F expert hidden (2F: w1 and w3 side by side), R rows (token, expert pairs) grouped by local
+expert, G expert groups.
 
 The block runs on one device and holds no process group: the dispatcher it is given decides
 where rows go (see `trainer/dispatch.py`); `parallelize` swaps in the all-to-all one and
@@ -21,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from trainer.config import MoEConfig
 from trainer.dispatch import LocalDispatcher, TokenDispatcher, expert_counts
+from trainer.kernels import swiglu
 from trainer.recompute import forward_only
 
 
@@ -110,43 +112,71 @@ class Router(nn.Module):
         return select_TE.masked_fill(~keep_TE, float("-inf"))
 
 
-def grouped_swiglu(x_RD: Tensor, counts_L: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """SwiGLU per expert over rows grouped by expert, as three grouped GEMMs.
+def grouped_swiglu(
+    x_RD: Tensor, counts_L: Tensor, w13: Tensor, w2: Tensor, *, backend: str = "auto"
+) -> Tensor:
+    """SwiGLU per expert over rows grouped by expert: two grouped GEMMs and one fused SwiGLU.
 
     x_RD: rows sorted by local expert; counts_L: rows per local expert (rows past their sum
-    are left unwritten); w1, w3: [L, D, F]; w2: [L, F, D]. Returns [R, D].
+    are left unwritten); w13: [L, D, 2F], the gate (w1) half then the up (w3) half; w2:
+    [L, F, D]. One grouped GEMM gives both halves [R, 2F]; `swiglu` reads them once and
+    writes silu(gate) * up [R, F] (backward: one pass too). backend: see
+    `trainer.kernels.swiglu`. Returns [R, D].
     """
     offs_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
-    h_RF = F.silu(torch._grouped_mm(x_RD, w1, offs=offs_L)) * torch._grouped_mm(
-        x_RD, w3, offs=offs_L
-    )
-    return torch._grouped_mm(h_RF, w2, offs=offs_L)
+    h_R2F = torch._grouped_mm(x_RD, w13, offs=offs_L)
+    return torch._grouped_mm(swiglu(h_R2F, backend), w2, offs=offs_L)
+
+
+# The stacked parameters of GroupedExperts and the per-expert weights each is saved as: the
+# saved name and, for a parameter that holds several, which (j, n): the j-th of n equal parts
+# of its last dim. w13 [L, D, 2F] holds w1 (the gate) and w3 (the up projection), each [D, F]
+# per expert in checkpoints, exports and imports.
+EXPERT_PARTS: dict[str, tuple[tuple[str, tuple[int, int] | None], ...]] = {
+    "w13": (("w1", (0, 2)), ("w3", (1, 2))),
+    "w2": (("w2", None),),
+}
 
 
 class GroupedExperts(nn.Module):
-    """SwiGLU experts with weights stacked per layer: w1/w3 [L, D, F], w2 [L, F, D].
+    """SwiGLU experts with weights stacked per layer: w13 [L, D, 2F] (w1 then w3), w2 [L, F, D].
 
-    In the state dict each expert is saved under its global id (`<prefix>.<id>.w1`), so a
-    checkpoint written at one expert-parallel layout loads at another.
+    In the state dict each expert is saved under its global id, its w1 and w3 apart
+    (`<prefix>.<id>.w1`, `.w3` [D, F], `.w2` [F, D]), so a checkpoint written at one
+    expert-parallel layout loads at another, and checkpoints from before w1 and w3 were one
+    parameter load as they are. `w1` and `w3` are views of w13's halves (no gradients of
+    their own: read `w13.grad`).
     """
+
+    backend = "auto"  # trainer.kernels.swiglu's; tests pick "torch" or "triton"
 
     def __init__(self, dim: int, hidden: int, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts  # E in the whole model
         self.expert_offset = 0  # global id of the first expert held here
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.hidden = hidden
+        self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self._register_state_dict_hook(_experts_to_global_keys)
         self._register_load_state_dict_pre_hook(_experts_from_global_keys, with_module=True)
 
     @property
+    def w1(self) -> Tensor:
+        """The gate weights [L, D, F]: a view of w13."""
+        return self.w13[..., : self.hidden]
+
+    @property
+    def w3(self) -> Tensor:
+        """The up-projection weights [L, D, F]: a view of w13."""
+        return self.w13[..., self.hidden :]
+
+    @property
     def num_local_experts(self) -> int:
-        return self.w1.shape[0]
+        return self.w13.shape[0]
 
     def shard(self, *, expert_offset: int, num_local: int) -> None:
         """Keeps experts [expert_offset, expert_offset + num_local) (before materializing)."""
-        for name in ("w1", "w3", "w2"):
+        for name in EXPERT_PARTS:
             p = getattr(self, name)
             setattr(
                 self,
@@ -158,34 +188,40 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: Tensor, counts_L: Tensor) -> Tensor:
         dtype = x_RD.dtype
         return grouped_swiglu(
-            x_RD, counts_L, self.w1.to(dtype), self.w3.to(dtype), self.w2.to(dtype)
+            x_RD, counts_L, self.w13.to(dtype), self.w2.to(dtype), backend=self.backend
         )
 
 
-_EXPERT_WEIGHTS = ("w1", "w3", "w2")
+def expert_slice(stacked: Tensor, i: int, part: tuple[int, int] | None = None) -> Tensor:
+    """Local expert i of a stacked [L, ...] weight (or optimizer moment), sharing storage;
+    with part (j, n), the j-th of n equal parts of its last dim (w13's w1 or w3 half).
 
-
-def expert_slice(stacked: Tensor, i: int) -> Tensor:
-    """Local expert i of a stacked [L, ...] weight (or optimizer moment), sharing storage.
-
-    Under FSDP the stacked tensor is a DTensor sharded on a dim other than 0 (see
-    `trainer.parallelize`), so expert i is a DTensor of the expert's own shape, sharded on
-    the dim one lower, whose local part is a view of this rank's shard.
+    Under FSDP the stacked tensor is a DTensor sharded on a dim other than 0 and the last
+    (see `trainer.parallelize`), so expert i is a DTensor of the expert's own shape, sharded
+    on the dim one lower, whose local part is a view of this rank's shard.
     """
     from torch.distributed.tensor import DTensor, Shard
 
+    def narrow(t: Tensor) -> Tensor:
+        if part is None:
+            return t
+        j, n = part
+        width = t.shape[-1] // n
+        return t.narrow(-1, j * width, width)
+
     if not isinstance(stacked, DTensor):
-        return stacked[i]
+        return narrow(stacked[i])
     placements = []
     for pl in stacked.placements:
         if isinstance(pl, Shard):
             assert pl.dim > 0, "expert weights are never sharded on the expert dim"
+            assert part is None or pl.dim < stacked.ndim - 1, "w13 is never split on its halves"
             pl = Shard(pl.dim - 1)
         placements.append(pl)
-    shape = stacked.shape[1:]
+    shape = narrow(torch.empty(stacked.shape[1:], device="meta")).shape
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(
-        stacked.to_local()[i],
+        narrow(stacked.to_local()[i]),
         stacked.device_mesh,
         placements,
         run_check=False,
@@ -197,10 +233,12 @@ def expert_slice(stacked: Tensor, i: int) -> Tensor:
 def _experts_to_global_keys(
     module: GroupedExperts, state_dict: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
-    for name in _EXPERT_WEIGHTS:
+    for name, parts in EXPERT_PARTS.items():
         stacked = state_dict.pop(prefix + name)
         for i in range(stacked.shape[0]):
-            state_dict[f"{prefix}{module.expert_offset + i}.{name}"] = expert_slice(stacked, i)
+            gid = module.expert_offset + i
+            for saved, part in parts:
+                state_dict[f"{prefix}{gid}.{saved}"] = expert_slice(stacked, i, part)
 
 
 def _experts_from_global_keys(
@@ -213,12 +251,12 @@ def _experts_from_global_keys(
     unexpected: list[str],
     errors: list[str],
 ) -> None:
-    for name in _EXPERT_WEIGHTS:
-        keys = [
-            f"{prefix}{module.expert_offset + i}.{name}" for i in range(module.num_local_experts)
-        ]
-        if all(k in state_dict for k in keys):
-            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+    ids = range(module.expert_offset, module.expert_offset + module.num_local_experts)
+    for name, parts in EXPERT_PARTS.items():
+        keys = [[f"{prefix}{gid}.{saved}" for gid in ids] for saved, _ in parts]
+        if all(k in state_dict for ks in keys for k in ks):
+            stacks = [torch.stack([state_dict.pop(k) for k in ks]) for ks in keys]
+            state_dict[prefix + name] = stacks[0] if len(stacks) == 1 else torch.cat(stacks, -1)
     # Experts held by other ranks are not ours to load; drop them so strict loading passes.
     for key in [
         k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()

@@ -224,7 +224,9 @@ def apply_compile(model: Transformer) -> None:
 
 def _expert_placement(param: nn.Parameter) -> Shard:
     # Never dim 0: an expert's slice `stacked[i]` stays a shard of that expert alone (see
-    # GroupedExperts' state-dict hook), whatever efsdp is.
+    # GroupedExperts' state-dict hook), whatever efsdp is. Never the last dim either: w13
+    # [L, D, 2F] is split there into w1 and w3, which must stay views of the local shard
+    # (dim 1 is D for w13 and F for w2).
     return Shard(1)
 
 
