@@ -50,4 +50,10 @@ def tmp_url(tmp_path):
     return str(tmp_path)
 
 
+from tests.ray_cluster import RAY_TEST_ENV, ray_mini_cluster  # noqa: E402,F401  (fixture)
 from tests.s3_server import s3_bucket, s3_server  # noqa: E402,F401  (fixtures)
+
+# Ray as the tests run it (tests/ray_cluster.py): set before anything imports ray, and
+# inherited by every Ray process the tests start.
+for _key, _value in RAY_TEST_ENV.items():
+    os.environ.setdefault(_key, _value)

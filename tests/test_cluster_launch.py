@@ -1,7 +1,8 @@
 """`cluster.launch` on a local Ray mini-cluster: two nodes of two CPUs, gloo.
 
-One mini-cluster serves the module (no dashboard: nothing here needs it). Each test starts a
-real Ray Train V2 worker group through `cluster.launch`, the job entrypoint:
+The session's mini-cluster serves the module (tests/ray_cluster.py; no dashboard: nothing
+here needs it). Each test starts a real Ray Train V2 worker group through `cluster.launch`,
+the job entrypoint:
 
 - the loss it logs equals the same job run by `trainer.loop.run` on gloo ranks outside Ray
   (what torchrun runs), and placement.json puts each expert-parallel group on one node;
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,26 +32,14 @@ FAST = ["data.corpus_max_bytes=300000", "ops.telemetry=false", "ops.stdout=false
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(ray_mini_cluster):
+    """The session's mini-cluster (tests/ray_cluster.py) as a head and one worker node."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    # Its own temporary folder (short: Ray's socket paths are limited to 107 bytes), so that
-    # it neither meets nor becomes the "current" cluster of another Ray on this machine.
-    temp = tempfile.mkdtemp(prefix="moeyard-rc-")
-    node = {"num_cpus": 2, "object_store_memory": 80 * 1024**2, "temp_dir": temp}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={**node, "include_dashboard": False},
-    )
-    cluster.add_node(**node)
-    cluster.wait_for_nodes()
     try:
-        yield cluster
+        yield ray_mini_cluster.two_nodes()
     finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+        ray.shutdown()  # this process's connection; the cluster stays for the next module
 
 
 def _metrics(out: Path) -> list[dict]:

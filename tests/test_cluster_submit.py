@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_cluster import RAY_TEST_ENV
 from tests.s3_server import TEST_KEY_ID, TEST_SECRET, S3Server
 
 pytestmark = pytest.mark.slow
@@ -48,6 +49,7 @@ def local_head(node_env: dict[str, str]) -> Iterator[str]:
     dash = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
     env.update(node_env)
+    env.update(RAY_TEST_ENV)  # tests/ray_cluster.py: Ray's settings for test clusters
     # A head bound to this machine for one module: no token auth (the clients below, run
     # with this same setting, then send none).
     env["RAY_AUTH_MODE"] = "disabled"
@@ -92,14 +94,17 @@ def local_head(node_env: dict[str, str]) -> Iterator[str]:
                 time.sleep(0.5)
         yield url
     finally:
-        # Only what this fixture started: the head's process group. Its processes do not
-        # all leave on SIGTERM, so the group gets SIGKILL after a grace period.
+        # Only what this fixture started: the head's process group. On SIGTERM it stops
+        # within seconds (no drain, RAY_TEST_ENV); what is left after a grace period gets
+        # SIGKILL.
         for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 break
-            time.sleep(grace)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(proc):
+                time.sleep(0.2)
         proc.wait(timeout=10)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
@@ -107,6 +112,16 @@ def local_head(node_env: dict[str, str]) -> Iterator[str]:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved_mode
+
+
+def _group_alive(proc: subprocess.Popen) -> bool:
+    """Whether any process of `proc`'s process group is left (`proc` itself reaped first)."""
+    proc.poll()
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def node_credentials(key_id: str, secret: str) -> dict[str, str]:

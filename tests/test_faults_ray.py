@@ -2,8 +2,9 @@
 job started by `cluster.launch` restarts its worker group, resumes from the newest
 checkpoint and finishes with the fault-free run's final loss, every sample trained once.
 
-One mini-cluster for the module: a head and one worker node of 2 CPUs each; the two workers
-are spread one per node, so removing the worker node kills rank 1's node for real."""
+The session's mini-cluster (tests/ray_cluster.py): a head and one worker node of 2 CPUs each,
+whose GCS notices a lost node within seconds; the two workers are spread one per node, so
+removing the worker node kills rank 1's node for real."""
 
 from __future__ import annotations
 
@@ -22,22 +23,17 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["data.corpus_max_bytes=300000", "ops.telemetry=false", "ops.stdout=false"]
 STEPS = 12
-NODE = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(ray_mini_cluster):
+    """The session's mini-cluster (tests/ray_cluster.py) as a head and one worker node."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
-    cluster.add_node(**NODE)
-    cluster.wait_for_nodes()
     try:
-        yield cluster
+        yield ray_mini_cluster.two_nodes()
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        ray.shutdown()  # this process's connection; the cluster stays for the next module
 
 
 def _steps(out: Path) -> int:
@@ -87,7 +83,7 @@ def _reference(rank: int, world: int, overrides: list[str]) -> float:
     return run(cfg, local_rank=rank).final_loss
 
 
-def test_lost_node_restarts_and_loses_no_sample(ray_cluster, tmp_path) -> None:
+def test_lost_node_restarts_and_loses_no_sample(ray_cluster, ray_mini_cluster, tmp_path) -> None:
     from tests.distributed import run_ranks
 
     common = [f"train.steps={STEPS}", "parallel.ep=1", *FAST]
@@ -101,7 +97,7 @@ def test_lost_node_restarts_and_loses_no_sample(ray_cluster, tmp_path) -> None:
         victim = _worker_node_of(ray_cluster, out, proc)
         lost_after = _steps(out)
         remove_node(ray_cluster, victim)
-        ray_cluster.add_node(**NODE)  # the replacement machine
+        ray_mini_cluster.add_node()  # the replacement machine
         log, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
