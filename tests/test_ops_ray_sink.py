@@ -39,7 +39,15 @@ def test_ray_backend_series_reach_the_metrics_agent(monkeypatch: pytest.MonkeyPa
     # Workers inherit this environment: they import ops from the repo and report every 1 s.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")
-    ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port, log_to_driver=False)
+    # A cluster of its own ("local"), never the session's mini-cluster that other tests
+    # started (ray.init() alone would join it, as the newest cluster on this machine).
+    ray.init(
+        address="local",
+        num_cpus=1,
+        include_dashboard=False,
+        _metrics_export_port=port,
+        log_to_driver=False,
+    )
     try:
 
         @ray.remote(num_cpus=0)
