@@ -51,10 +51,15 @@ def test_chunked_equals_whole_in_fp32(chunk):
     # A scale on the loss (1 / grad_accum, a fault) reaches the gradients through backward.
     want = _grads(ref, hidden, weight, targets, scale=0.37)
     got = _grads(chunked, hidden, weight, targets, scale=0.37)
-    for w_, g_ in zip(want, got, strict=True):
-        assert _rel(g_, w_) < 1e-6
+    # Against the exact answer (the whole loss in fp64): within 1e-6 relative, or no farther
+    # than the whole fp32 loss itself is (two fp32 sums in different orders differ by about
+    # that much: 1.1e-6 between them on one CPU, each under 1.05e-6 from fp64).
+    exact = _grads(ref, hidden.double(), weight.double(), targets, scale=0.37)
+    for w_, g_, x_ in zip(want, got, exact, strict=True):
+        x_ = x_.float()
+        assert _rel(g_, x_) < max(1e-6, 1.5 * _rel(w_, x_))
     # Not a loose check: a wrong chunk boundary or scale moves these by far more.
-    assert _rel(got[1], want[1]) < 1e-6 and want[1].abs().max() > 1e-3
+    assert _rel(got[1], exact[1].float()) < 2e-6 and want[1].abs().max() > 1e-3
 
 
 def test_chunked_under_bf16_autocast_rounds_as_the_whole_does():
