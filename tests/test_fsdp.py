@@ -163,9 +163,31 @@ def _close(a: dict, b: dict, what: str, *, atol: float) -> None:
         )
 
 
+# AdamW's first update is lr * g / (|g| + eps): where |g| is nonzero but within ten eps (1e-8)
+# of zero it turns on g's last bits, which a different summation order moves (one element
+# in 2048 moved 8.5e-6 at |g| near eps on one CPU). There the step is not compared; the
+# gradient is, everywhere.
+ILL_CONDITIONED_GRAD = 1e-7
+
+
 def _same_run(got: dict, ref: dict, layout: list[str]) -> None:
     _close(got["grads"], ref["grads"], f"gradient at {layout}", atol=1e-6)
-    _close(got["params"], ref["params"], f"parameter after one step at {layout}", atol=1e-6)
+    what = f"parameter after one step at {layout}"
+    a, b = got["params"], ref["params"]
+    assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(set(a) ^ set(b))[:6]}"
+    skipped = 0
+    for k in a:
+        g = ref["grads"].get(k.removeprefix("model."))
+        x, y = a[k], b[k]
+        if g is not None and g.shape == y.shape:
+            keep = (g == 0) | (g.abs() >= ILL_CONDITIONED_GRAD)  # 0: no update at all
+            skipped += int((~keep).sum())
+            x, y = x[keep], y[keep]
+        torch.testing.assert_close(
+            x, y, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{what} {k}: {m}"
+        )
+    total = sum(v.numel() for v in b.values())
+    assert skipped < total // 1000, f"{what}: {skipped} of {total} elements not compared"
     for i, (a, b) in enumerate(zip(got["losses"], ref["losses"], strict=True)):
         assert abs(a - b) <= 1e-4 * abs(b), f"{layout}: step {i + 1} loss {a} vs {b}"
     assert got["norms"][0] == pytest.approx(ref["norms"][0], rel=1e-5), layout
