@@ -33,8 +33,7 @@ stream), and that reserved peak is what must fit. Checked against the
 measured peak of real CPU runs (tests/test_dryrun.py, bench/fsdp.py) and of H200 runs (within
 5%). The job is said not to fit when the peak exceeds `parallel.device_memory_gib` less
 `FIT_MARGIN` (the estimate's error, so that a job sized at 99% does not die at its first
-step). `train.dtype` auto is sized as
-it runs on a GPU (bf16) unless `train.device` is cpu.
+step). `train.dtype` auto is sized as it runs on a GPU (bf16) unless `train.device` is cpu.
 """
 
 from __future__ import annotations
@@ -320,8 +319,9 @@ def activation_bytes(cfg: ModelConfig, *, tokens: int, bf16: bool) -> int:
     bf16 parameters, or one process's compute copies) and 4 in fp32. Counted per layer: the
     norm's fp32 copy of its input, its normalized output and the projection input;
     attention's saved q, k, v, output and log-sum-exp (a fused kernel, no S x S scores) and
-    the output projection's input; MLA's latent, its norm and up-projected keys and values; a dense SwiGLU's two
-    hidden activations, their product and the activation; a MoE layer's router input (fp32)
+    the output projection's input; MLA's latent, its norm and up-projected keys and values;
+    a dense SwiGLU's two hidden activations, their product and the activation; a MoE layer's
+    router input (fp32)
     and scores, top_k dispatched rows with their SwiGLU hiddens and expert outputs (which the
     combine keeps, with its fp32 weights and indices), and the shared experts.
     Routing is taken as balanced (each rank's experts receive top_k rows per token of its own
