@@ -162,7 +162,11 @@ class _ReplicateRows(torch.autograd.Function):
     ) -> Tensor:
         rows_SD = x_TD.index_select(0, token_S)
         if keep_P is not None:
-            rows_SD.masked_fill_(~keep_P[order_S].unsqueeze(1), 0)
+            # Out of place: under torch.compile, torch 2.11's dynamo gives a wrong input
+            # gradient for an autograd.Function whose forward mutates, in place, the tensor
+            # it returns (2.13 does not; tests/test_moe_fused.py holds the compiled layer
+            # with drops to eager). The extra [R, D] lives only until the forward returns.
+            rows_SD = rows_SD.masked_fill(~keep_P[order_S].unsqueeze(1), 0)
         ctx.save_for_backward(pos_TK, keep_P)
         return rows_SD
 
@@ -184,29 +188,24 @@ def _safe_pos(pos_P: Tensor, keep_P: Tensor | None) -> Tensor:
 
 
 class _PermuteRows(torch.autograd.Function):
-    """out[i] = x[idx[i]] for a permutation idx, rows outside keep zeroed; backward gathers
-    through the inverse permutation inv_idx."""
+    """out[i] = x[idx[i]] for a permutation idx; backward gathers through the inverse
+    permutation inv_idx."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, idx: Tensor, inv_idx: Tensor, keep: Tensor | None) -> Tensor:
-        out = x.index_select(0, idx)
-        if keep is not None:
-            out.masked_fill_(~keep.unsqueeze(1), 0)
-        ctx.save_for_backward(inv_idx, keep)
-        return out
+    def forward(ctx: Any, x: Tensor, idx: Tensor, inv_idx: Tensor) -> Tensor:
+        ctx.save_for_backward(inv_idx)
+        return x.index_select(0, idx)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        inv_idx, keep = ctx.saved_tensors
-        if keep is not None:
-            grad = grad.masked_fill(~keep.unsqueeze(1), 0)
-        return grad.index_select(0, inv_idx), None, None, None
+        (inv_idx,) = ctx.saved_tensors
+        return grad.index_select(0, inv_idx), None, None
 
 
-def permute_rows(x: Tensor, idx: Tensor, inv_idx: Tensor, keep: Tensor | None = None) -> Tensor:
-    """x[idx] for a permutation `idx` whose inverse is `inv_idx`; rows where `keep` is False
-    are zeros (and get no gradient). The backward is a gather, not a scatter."""
-    return _PermuteRows.apply(x, idx, inv_idx, keep)
+def permute_rows(x: Tensor, idx: Tensor, inv_idx: Tensor) -> Tensor:
+    """x[idx] for a permutation `idx` whose inverse is `inv_idx`. The backward is a gather,
+    not a scatter."""
+    return _PermuteRows.apply(x, idx, inv_idx)
 
 
 def replicate_rows(x_TD: Tensor, meta: DispatchMeta) -> Tensor:

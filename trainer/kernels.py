@@ -110,8 +110,10 @@ if triton is not None:
 
     @triton.jit
     def _combine_bwd_kernel(  # type: ignore[no-untyped-def]
-        g_ptr, y_ptr, tok_ptr, w_ptr, dy_ptr, dot_ptr, D, BLOCK: tl.constexpr
+        g_ptr, y_ptr, tok_ptr, w_ptr, dy_ptr, dot_ptr, D: tl.constexpr, BLOCK: tl.constexpr
     ):
+        # D (the model's width) is a compile-time constant: the column loop's bounds are then
+        # constants, and Triton 3.6's interpreter cannot loop over a runtime bound.
         s = tl.program_id(0).to(tl.int64)
         t = tl.load(tok_ptr + s).to(tl.int64)
         w = tl.load(w_ptr + s).to(tl.float32)
@@ -302,7 +304,7 @@ def _combine_backward_op(
     dot = torch.empty(R, dtype=torch.float32, device=y.device)
     if R:
         _combine_bwd_kernel[(R,)](
-            g, y, token_R.contiguous(), w_R.float().contiguous(), dy, dot, D, BLOCK=_block(D)
+            g, y, token_R.contiguous(), w_R.float().contiguous(), dy, dot, D=D, BLOCK=_block(D)
         )
     return dy, dot
 
